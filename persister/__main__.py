@@ -1,0 +1,5 @@
+import sys
+
+from persister.cli import main
+
+sys.exit(main())

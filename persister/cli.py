@@ -1,0 +1,104 @@
+"""The `persister` command: one console script, one subcommand per job.
+
+Every failure an operator can cause (bad config, unreachable database or
+Redis, port in use) ends with exit status 1 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from persister.config import Config, load_config
+from persister.errors import PersisterError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="persister", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [
+        ("migrate", "bring the database to the current schema"),
+        ("run", "serve one persister instance"),
+        ("pool", "run every instance of stream_writers.events as child processes"),
+        ("status", "print each instance's position, lag and queue"),
+    ]:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--config", action="append", required=True, metavar="FILE",
+                         help="config file; repeat to layer files, later ones win")
+        if name == "run":
+            cmd.add_argument("--instance", help="instance name (or instance_name in config)")
+    return parser
+
+
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _migrate(args: argparse.Namespace, config: Config) -> int:
+    from persister.storage.migrate import migrate
+
+    applied = await migrate(config.database.url)
+    print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+    return 0
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    from persister.server import resolve_instance, serve
+
+    await serve(config, resolve_instance(config, args.instance))
+    return 0
+
+
+async def _pool(args: argparse.Namespace, config: Config) -> int:
+    from persister.pool import run_pool
+
+    return await run_pool(args.config, config)
+
+
+async def _status(args: argparse.Namespace, config: Config) -> int:
+    from persister.status import format_status, gather_status
+
+    print(format_status(await gather_status(config)))
+    return 0
+
+
+Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
+COMMANDS: dict[str, Command] = {
+    "migrate": _migrate,
+    "run": _run,
+    "pool": _pool,
+    "status": _status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        _setup_logging(config)
+        return _run_async(COMMANDS[args.command](args, config))
+    except PersisterError as exc:
+        print(f"persister {args.command}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

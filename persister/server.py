@@ -1,0 +1,89 @@
+"""`persister run`: assemble one persister instance and serve it until SIGTERM.
+
+SIGTERM stops accepting new requests (503), lets every accepted request be
+committed and answered, publishes a last POSITION, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from persister.config import Config, ConfigError
+from persister.errors import PersisterError
+from persister.http.app import build_app
+from persister.sharding import sha256_owner
+from persister.writer.lane import LaneSettings
+from persister.writer.queue import Budget
+from persister.writer.service import Writer
+
+logger = logging.getLogger(__name__)
+
+
+class StaticOwners:
+    """Placement from `stream_writers.events` alone (Synapse's rule)."""
+
+    def __init__(self, writers: list[str]) -> None:
+        self.writers = writers
+
+    def owner(self, room_id: str) -> str:
+        return sha256_owner(room_id, self.writers)
+
+
+def build_writer(config: Config, instance: str) -> Writer:
+    limits = config.persist
+    settings = LaneSettings(
+        instance=instance,
+        database_url=config.database.url,
+        max_batch_events=limits.max_batch_events,
+        connect_timeout_s=config.database.connect_timeout_s,
+    )
+    budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
+    owners = StaticOwners(list(config.stream_writers.events))
+    return Writer(instance, settings, config.database.writer_connections, budget, owners, None)
+
+
+def resolve_instance(config: Config, instance: str | None) -> str:
+    name = instance or config.instance_name
+    if name is None:
+        raise ConfigError("name the instance with --instance or instance_name")
+    config.location(name)
+    return name
+
+
+async def serve(config: Config, instance: str) -> None:
+    writer = build_writer(config, instance)
+    await writer.start()
+    location = config.location(instance)
+    if location.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s, not loopback: keep this port off public networks",
+                       location.host)
+    app = build_app(writer, config.secret(), config.persist.max_body_bytes,
+                    config.persist.max_events_per_request)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, location.host, location.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await writer.stop()
+        raise PersisterError(f"cannot listen on {location.host}:{location.port}: {exc.strerror}") from None
+    logger.info("persister %s listening on %s:%d", instance, location.host, location.port)
+    await _wait_for_termination()
+    logger.info("persister %s draining", instance)
+    drained = await writer.drain(config.shutdown_timeout_s)
+    if not drained:
+        logger.warning("shutdown timeout reached with requests still queued")
+    await runner.cleanup()
+    await writer.stop()
+
+
+async def _wait_for_termination() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,1 @@
+"""The write path: queues, batch loops and the persister service that owns them."""

@@ -1,0 +1,242 @@
+"""One writer lane: a database connection and the batch loop that feeds it.
+
+Rooms are spread over lanes by a stable hash, so one slow transaction only
+holds back the rooms of its own lane. Each loop iteration drains whatever
+its queue holds (up to `max_batch_events`) into ONE transaction, allocates
+stream orderings as late as it can inside it, and acknowledges every request
+of the batch only after COMMIT.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import AsyncConnection
+
+from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
+from persister.errors import BadRequest, InvalidEvent, PersisterError, StoreUnavailable
+from persister.positions import WriterPositions
+from persister.storage import events_txn
+from persister.storage.streams import upsert_stream_position_txn
+from persister.wire import EventResult
+from persister.writer.queue import Budget, LaneQueue, PendingRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CommittedBatch:
+    """What the lane tells its writer after a COMMIT, for publishing."""
+
+    events: list[tuple[int, str, str, str, str | None, str]]
+    event_count: int
+    seconds: float
+    forward_extremities: list[int]
+    type_classes: list[str]
+
+
+OnCommit = Callable[[CommittedBatch], Awaitable[None]]
+
+
+@dataclass
+class LaneSettings:
+    instance: str
+    database_url: str
+    max_batch_events: int
+    connect_timeout_s: float
+
+
+class Lane:
+    def __init__(
+        self,
+        settings: LaneSettings,
+        positions: WriterPositions,
+        budget: Budget,
+        on_commit: OnCommit,
+    ) -> None:
+        self.settings = settings
+        self.positions = positions
+        self.budget = budget
+        self.on_commit = on_commit
+        self.queue = LaneQueue()
+        self.connection: AsyncConnection[tuple[object, ...]] | None = None
+        self.busy = False
+
+    @property
+    def ready(self) -> bool:
+        return self.connection is not None and not self.connection.closed
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.queue.pending
+
+    async def connect(self) -> None:
+        self.connection = await psycopg.AsyncConnection.connect(
+            self.settings.database_url,
+            connect_timeout=max(1, int(self.settings.connect_timeout_s)),
+            application_name=f"persister:{self.settings.instance}",
+        )
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+    async def run(self) -> None:
+        """The batch loop; runs until cancelled."""
+        while True:
+            await self.queue.wait()
+            batch = self.queue.take(self.settings.max_batch_events)
+            if not batch:
+                continue
+            self.busy = True
+            try:
+                await self._persist_isolating_failures(batch)
+            finally:
+                self.busy = False
+                for request in batch:
+                    self.budget.release(request.event_count, request.size_bytes)
+
+    async def _persist_isolating_failures(self, batch: list[PendingRequest]) -> None:
+        try:
+            await self._ensure_connected()
+            await self._persist(batch)
+        except psycopg.OperationalError as exc:
+            logger.warning("database connection lost: %s", exc)
+            await self._drop_connection()
+            _fail_all(batch, StoreUnavailable("database unavailable; retry later"))
+        except psycopg.Error as exc:
+            if len(batch) == 1:
+                logger.warning("request rejected by the database: %s", exc)
+                _fail_all(batch, BadRequest(f"the database refused the events: {exc.sqlstate}"))
+                return
+            # One request broke the batch: persist each alone so that only it fails.
+            for request in batch:
+                await self._persist_isolating_failures([request])
+
+    async def _ensure_connected(self) -> None:
+        if self.ready:
+            return
+        try:
+            await self.connect()
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from None
+
+    async def _drop_connection(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+        self.connection = None
+
+    async def _persist(self, batch: list[PendingRequest]) -> None:
+        assert self.connection is not None
+        started = time.perf_counter()
+        # Filled as soon as orderings are allocated, so that a rollback at
+        # any later point still finishes them and no gap stalls the position.
+        allocated: list[int] = []
+        try:
+            async with self.connection.transaction():
+                plan, assigned = await self._write_batch(batch, allocated)
+        finally:
+            self.positions.finish(allocated)
+        elapsed = time.perf_counter() - started
+        self._acknowledge(batch, plan, assigned)
+        await self.on_commit(_committed(plan, assigned, elapsed))
+
+    async def _write_batch(
+        self, batch: list[PendingRequest], allocated: list[int]
+    ) -> tuple[BatchPlan, dict[str, int]]:
+        assert self.connection is not None
+        cur = self.connection.cursor()
+        view = await events_txn.load_view_txn(cur, *_batch_ids(batch))
+        plan = link_batch(view, [request.link for request in batch])
+        forward_count = plan.new_backfilled.count(False)
+        token = self.positions.begin_fetch()
+        try:
+            forward, backfill = await events_txn.allocate_orderings_txn(
+                cur, forward_count, len(plan.new_backfilled) - forward_count
+            )
+        except BaseException:
+            self.positions.abandon_fetch(token)
+            raise
+        self.positions.end_fetch(token, forward)
+        allocated.extend(forward)
+        orderings = _interleave(plan.new_backfilled, forward, backfill)
+        await events_txn.write_plan_txn(
+            cur, plan, orderings, view.room_versions, self.settings.instance, _now_ms()
+        )
+        if forward:
+            await upsert_stream_position_txn(
+                cur, "events", self.settings.instance, self.positions.position_if_finished(forward)
+            )
+        assigned = {e.event_id: o for e, o in zip(plan.new_events, orderings, strict=True)}
+        return plan, assigned
+
+    def _acknowledge(
+        self, batch: list[PendingRequest], plan: BatchPlan, assigned: dict[str, int]
+    ) -> None:
+        for request, outcome in zip(batch, plan.outcomes, strict=True):
+            if request.done.done():
+                continue
+            if isinstance(outcome, InvalidEvent):
+                request.done.set_exception(outcome)
+            else:
+                request.done.set_result([_result(o, assigned) for o in outcome])
+
+
+def _result(outcome: EventOutcome, assigned: dict[str, int]) -> EventResult:
+    ordering = outcome.stored_ordering
+    if ordering is None or ordering == PLANNED:
+        ordering = assigned[outcome.event_id]
+    return EventResult(outcome.event_id, ordering, outcome.depth, outcome.duplicate)
+
+
+def _batch_ids(batch: Sequence[PendingRequest]) -> tuple[list[str], list[str], list[str]]:
+    rooms: dict[str, None] = {}
+    event_ids: list[str] = []
+    prev_ids: list[str] = []
+    for request in batch:
+        rooms[request.link.room_id] = None
+        for event in request.link.events:
+            event_ids.append(event.event_id)
+            prev_ids.extend(event.prev_event_ids)
+    return list(rooms), event_ids, prev_ids
+
+
+def _interleave(backfilled: Sequence[bool], forward: list[int], backfill: list[int]) -> list[int]:
+    forward_iter, backfill_iter = iter(forward), iter(backfill)
+    return [next(backfill_iter) if b else next(forward_iter) for b in backfilled]
+
+
+def _committed(plan: BatchPlan, assigned: dict[str, int], seconds: float) -> CommittedBatch:
+    rows = [
+        (assigned[e.event_id], e.event_id, e.room_id, e.type, e.state_key, e.sender)
+        for e, backfilled in zip(plan.new_events, plan.new_backfilled, strict=True)
+        if not backfilled
+    ]
+    return CommittedBatch(
+        events=rows,
+        event_count=len(plan.new_events),
+        seconds=seconds,
+        forward_extremities=[],
+        type_classes=[_type_class(e.type, e.state_key) for e in plan.new_events],
+    )
+
+
+def _type_class(event_type: str, state_key: str | None) -> str:
+    if state_key is not None:
+        return "state"
+    return "message" if event_type == "m.room.message" else "other"
+
+
+def _fail_all(batch: Sequence[PendingRequest], error: PersisterError) -> None:
+    for request in batch:
+        if not request.done.done():
+            request.done.set_exception(error)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+

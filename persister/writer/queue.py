@@ -1,0 +1,84 @@
+"""Bounded queues of accepted persist requests, and how batches are cut.
+
+A request waits here between the HTTP handler and the database. Bounds are
+counted in events and bytes over the whole persister, so a flood is refused
+with 503 instead of growing memory without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from persister.dag import LinkRequest
+from persister.errors import Saturated
+from persister.wire import EventResult
+
+
+@dataclass(slots=True)
+class PendingRequest:
+    link: LinkRequest
+    size_bytes: int
+    done: asyncio.Future[list[EventResult]]
+    enqueued_at: float
+
+    @property
+    def event_count(self) -> int:
+        return len(self.link.events)
+
+
+@dataclass(slots=True)
+class Budget:
+    """What the whole persister may hold in its queues."""
+
+    max_events: int
+    max_bytes: int
+    retry_after_s: float
+    events: int = 0
+    bytes: int = 0
+
+    def reserve(self, events: int, size_bytes: int) -> None:
+        if self.events + events > self.max_events or self.bytes + size_bytes > self.max_bytes:
+            raise Saturated(
+                f"persister is saturated ({self.events} events queued); retry later",
+                retry_after_s=self.retry_after_s,
+            )
+        self.events += events
+        self.bytes += size_bytes
+
+    def release(self, events: int, size_bytes: int) -> None:
+        self.events -= events
+        self.bytes -= size_bytes
+
+
+@dataclass(slots=True)
+class LaneQueue:
+    """Requests for the rooms of one writer lane, in arrival order.
+
+    Taking whole requests in FIFO order keeps each room's events in order;
+    a lane runs one transaction at a time, so a room never has two.
+    """
+
+    pending: deque[PendingRequest] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, request: PendingRequest) -> None:
+        self.pending.append(request)
+        self.wakeup.set()
+
+    def take(self, max_events: int) -> list[PendingRequest]:
+        batch: list[PendingRequest] = []
+        count = 0
+        while self.pending:
+            nxt = self.pending[0]
+            if batch and count + nxt.event_count > max_events:
+                break
+            batch.append(self.pending.popleft())
+            count += nxt.event_count
+        if not self.pending:
+            self.wakeup.clear()
+        return batch
+
+    async def wait(self) -> None:
+        await self.wakeup.wait()

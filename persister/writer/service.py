@@ -1,0 +1,132 @@
+"""The persister service: owns its lanes, its stream position and its publisher.
+
+The HTTP layer calls `persist`; everything between a validated request and
+its acknowledgement happens behind this one object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from typing import Protocol
+
+import psycopg
+
+from persister.dag import LinkRequest
+from persister.errors import NotMyShard, StoreUnavailable, Unavailable
+from persister.positions import WriterPositions
+from persister.storage import streams
+from persister.wire import EventResult
+from persister.writer.lane import CommittedBatch, Lane, LaneSettings
+from persister.writer.queue import Budget, PendingRequest
+
+logger = logging.getLogger(__name__)
+
+
+class Owners(Protocol):
+    """Who owns a room right now (static config, or the stored shard map)."""
+
+    def owner(self, room_id: str) -> str: ...
+
+
+class Announcer(Protocol):
+    """Where committed rows and positions go (Redis in production)."""
+
+    async def publish_batch(self, rows: list[tuple[int, str, str, str, str | None, str]],
+                            position: int) -> None: ...
+
+    async def publish_position(self, position: int) -> None: ...
+
+
+class WriterStats:
+    def __init__(self) -> None:
+        self.events_persisted = 0
+        self.batches = 0
+
+
+class Writer:
+    def __init__(
+        self,
+        instance: str,
+        settings: LaneSettings,
+        lanes: int,
+        budget: Budget,
+        owners: Owners,
+        announcer: Announcer | None,
+    ) -> None:
+        self.instance = instance
+        self.settings = settings
+        self.budget = budget
+        self.owners = owners
+        self.announcer = announcer
+        self.positions = WriterPositions(instance, 0)
+        self.stats = WriterStats()
+        self.lanes = [Lane(settings, self.positions, budget, self._committed) for _ in range(lanes)]
+        self.accepting = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        try:
+            async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
+                start = await streams.recover_position(conn, self.instance)
+            for lane in self.lanes:
+                await lane.connect()
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot reach the database: {exc}") from None
+        self.positions = WriterPositions(self.instance, start)
+        for lane in self.lanes:
+            lane.positions = self.positions
+        self._tasks = [asyncio.create_task(lane.run()) for lane in self.lanes]
+        self.accepting = True
+        logger.info("writer %s started at position %d", self.instance, start)
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting and all(lane.ready for lane in self.lanes)
+
+    def queued_events(self) -> int:
+        return self.budget.events
+
+    async def persist(self, link: LinkRequest, size_bytes: int) -> list[EventResult]:
+        """Queue a request and wait for its COMMIT; the answer is durable."""
+        if not self.accepting:
+            raise Unavailable("persister is shutting down", retry_after_s=1.0)
+        owner = self.owners.owner(link.room_id)
+        if owner != self.instance:
+            raise NotMyShard(link.room_id, owner, self.instance)
+        lane = self.lanes[zlib.crc32(link.room_id.encode("utf-8")) % len(self.lanes)]
+        self.budget.reserve(len(link.events), size_bytes)
+        done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
+        lane.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
+        # Shielded: a client that hangs up must not cancel a half-done batch.
+        return await asyncio.shield(done)
+
+    def position(self) -> int:
+        return self.positions.position()
+
+    async def _committed(self, batch: CommittedBatch) -> None:
+        self.stats.events_persisted += batch.event_count
+        self.stats.batches += 1
+        if self.announcer is not None:
+            await self.announcer.publish_batch(batch.events, self.positions.position())
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests and wait until everything accepted is answered."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while not all(lane.idle for lane in self.lanes):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lane in self.lanes:
+            await lane.close()
+        if self.announcer is not None:
+            await self.announcer.publish_position(self.positions.position())
