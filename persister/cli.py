@@ -27,8 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "print each instance's position, lag and queue"),
     ]:
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--config", action="append", required=True, metavar="FILE",
-                         help="config file; repeat to layer files, later ones win")
+        cmd.add_argument(
+            "--config",
+            action="append",
+            required=True,
+            metavar="FILE",
+            help="config file; repeat to layer files, later ones win",
+        )
         if name == "run":
             cmd.add_argument("--instance", help="instance name (or instance_name in config)")
     return parser

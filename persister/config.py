@@ -127,9 +127,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> Config:
     return config
 
 
-def load_config(
-    paths: Sequence[str], environ: Mapping[str, str] | None = None
-) -> Config:
+def load_config(paths: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
     raw: dict[str, Any] = {}
     for path in paths:
         raw = merge(raw, _read_yaml(path))
@@ -145,7 +143,9 @@ def validate(config: Config) -> None:
         raise ConfigError("stream_writers.events names a persister twice")
     for writer in writers:
         if writer not in config.instance_map:
-            raise ConfigError(f"stream_writers.events names {writer!r}, which is not in instance_map")
+            raise ConfigError(
+                f"stream_writers.events names {writer!r}, which is not in instance_map"
+            )
     if config.replication_secret is None and config.replication_secret_path is None:
         raise ConfigError("replication_secret (or replication_secret_path) is required")
     if config.replication_secret is not None and not config.replication_secret.strip():
@@ -154,4 +154,6 @@ def validate(config: Config) -> None:
         raise ConfigError("database.writer_connections must be at least 1")
     limits = config.persist
     if limits.max_batch_events < 1 or limits.max_queued_events < limits.max_events_per_request:
-        raise ConfigError("persist.max_queued_events must be at least persist.max_events_per_request")
+        raise ConfigError(
+            "persist.max_queued_events must be at least persist.max_events_per_request"
+        )

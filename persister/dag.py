@@ -29,7 +29,6 @@ import msgspec
 from persister.errors import InvalidEvent
 from persister.matrix.prepared import PreparedEvent
 
-
 # No stored event has ordering 0: forward orderings start at 1, backfilled
 # ones at -1. It marks an event planned earlier in the same batch.
 PLANNED = 0
@@ -88,9 +87,18 @@ class BatchPlan(msgspec.Struct):
 
 def empty_plan() -> BatchPlan:
     return BatchPlan(
-        new_events=[], new_backfilled=[], deoutliered=[], edges=[], auth=[], rejections=[],
-        new_rooms={}, forward_added=set(), forward_removed=set(), backward_added=set(),
-        backward_removed=set(), outcomes=[],
+        new_events=[],
+        new_backfilled=[],
+        deoutliered=[],
+        edges=[],
+        auth=[],
+        rejections=[],
+        new_rooms={},
+        forward_added=set(),
+        forward_removed=set(),
+        backward_added=set(),
+        backward_removed=set(),
+        outcomes=[],
     )
 
 
@@ -110,9 +118,9 @@ def _check_request(view: StoredView, request: LinkRequest) -> InvalidEvent | Non
     stored_version = view.room_versions.get(request.room_id)
     if stored_version is not None and stored_version != request.room_version:
         return InvalidEvent(
-            0, "room_version",
-            f"room {request.room_id} has room version {stored_version}, "
-            f"not {request.room_version}",
+            0,
+            "room_version",
+            f"room {request.room_id} has room version {stored_version}, not {request.room_version}",
             errcode="M_INCOMPATIBLE_ROOM_VERSION",
         )
     for index, event in enumerate(request.events):
@@ -162,7 +170,9 @@ def _store_new(view: StoredView, plan: BatchPlan, event: PreparedEvent, backfill
         _link_into_room(view, plan, event, backfilled)
 
 
-def _deoutlier(view: StoredView, plan: BatchPlan, event: PreparedEvent, stored: StoredEvent) -> None:
+def _deoutlier(
+    view: StoredView, plan: BatchPlan, event: PreparedEvent, stored: StoredEvent
+) -> None:
     view.events[event.event_id] = StoredEvent(
         stored.room_id, False, False, stored.stream_ordering, stored.depth
     )
@@ -171,7 +181,9 @@ def _deoutlier(view: StoredView, plan: BatchPlan, event: PreparedEvent, stored: 
     _link_into_room(view, plan, event, backfilled=False)
 
 
-def _link_into_room(view: StoredView, plan: BatchPlan, event: PreparedEvent, backfilled: bool) -> None:
+def _link_into_room(
+    view: StoredView, plan: BatchPlan, event: PreparedEvent, backfilled: bool
+) -> None:
     room_id = event.room_id
     _stop_being_backward_extremity(view, plan, room_id, event.event_id)
     for prev in event.prev_event_ids:
@@ -189,9 +201,7 @@ def _link_into_room(view: StoredView, plan: BatchPlan, event: PreparedEvent, bac
         _record_change(plan.forward_added, plan.forward_removed, (room_id, event.event_id))
 
 
-def _remove_forward(
-    plan: BatchPlan, forward: set[str], room_id: str, prevs: Iterable[str]
-) -> None:
+def _remove_forward(plan: BatchPlan, forward: set[str], room_id: str, prevs: Iterable[str]) -> None:
     for prev in prevs:
         if prev in forward:
             forward.discard(prev)

@@ -59,10 +59,15 @@ async def serve(config: Config, instance: str) -> None:
     await writer.start()
     location = config.location(instance)
     if location.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s, not loopback: keep this port off public networks",
-                       location.host)
-    app = build_app(writer, config.secret(), config.persist.max_body_bytes,
-                    config.persist.max_events_per_request)
+        logger.warning(
+            "listening on %s, not loopback: keep this port off public networks", location.host
+        )
+    app = build_app(
+        writer,
+        config.secret(),
+        config.persist.max_body_bytes,
+        config.persist.max_events_per_request,
+    )
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, location.host, location.port)
@@ -70,7 +75,9 @@ async def serve(config: Config, instance: str) -> None:
         await site.start()
     except OSError as exc:
         await writer.stop()
-        raise PersisterError(f"cannot listen on {location.host}:{location.port}: {exc.strerror}") from None
+        raise PersisterError(
+            f"cannot listen on {location.host}:{location.port}: {exc.strerror}"
+        ) from None
     logger.info("persister %s listening on %s:%d", instance, location.host, location.port)
     await _wait_for_termination()
     logger.info("persister %s draining", instance)

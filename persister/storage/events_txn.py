@@ -118,7 +118,9 @@ async def load_view_txn(
     )
 
 
-async def allocate_orderings_txn(cur: Cursor, forward: int, backfill: int) -> tuple[list[int], list[int]]:
+async def allocate_orderings_txn(
+    cur: Cursor, forward: int, backfill: int
+) -> tuple[list[int], list[int]]:
     """Take orderings from the shared sequences; they are not transactional,
     so a rollback leaves a gap that the position tracker treats as finished."""
     forward_ids: list[int] = []

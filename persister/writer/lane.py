@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from psycopg import AsyncConnection
 
 from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
 from persister.errors import BadRequest, InvalidEvent, PersisterError, StoreUnavailable
+from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.storage import events_txn
 from persister.storage.streams import upsert_stream_position_txn
@@ -35,8 +37,9 @@ class CommittedBatch:
     events: list[tuple[int, str, str, str, str | None, str]]
     event_count: int
     seconds: float
+    # After the commit, per room the batch touched.
     forward_extremities: list[int]
-    type_classes: list[str]
+    by_type_class: dict[str, int]
 
 
 OnCommit = Callable[[CommittedBatch], Awaitable[None]]
@@ -138,16 +141,16 @@ class Lane:
         allocated: list[int] = []
         try:
             async with self.connection.transaction():
-                plan, assigned = await self._write_batch(batch, allocated)
+                plan, assigned, extremities = await self._write_batch(batch, allocated)
         finally:
             self.positions.finish(allocated)
         elapsed = time.perf_counter() - started
         self._acknowledge(batch, plan, assigned)
-        await self.on_commit(_committed(plan, assigned, elapsed))
+        await self.on_commit(_committed(plan, assigned, elapsed, extremities))
 
     async def _write_batch(
         self, batch: list[PendingRequest], allocated: list[int]
-    ) -> tuple[BatchPlan, dict[str, int]]:
+    ) -> tuple[BatchPlan, dict[str, int], list[int]]:
         assert self.connection is not None
         cur = self.connection.cursor()
         view = await events_txn.load_view_txn(cur, *_batch_ids(batch))
@@ -172,7 +175,9 @@ class Lane:
                 cur, "events", self.settings.instance, self.positions.position_if_finished(forward)
             )
         assigned = {e.event_id: o for e, o in zip(plan.new_events, orderings, strict=True)}
-        return plan, assigned
+        rooms = {request.link.room_id for request in batch}
+        extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
+        return plan, assigned, extremities
 
     def _acknowledge(
         self, batch: list[PendingRequest], plan: BatchPlan, assigned: dict[str, int]
@@ -210,7 +215,9 @@ def _interleave(backfilled: Sequence[bool], forward: list[int], backfill: list[i
     return [next(backfill_iter) if b else next(forward_iter) for b in backfilled]
 
 
-def _committed(plan: BatchPlan, assigned: dict[str, int], seconds: float) -> CommittedBatch:
+def _committed(
+    plan: BatchPlan, assigned: dict[str, int], seconds: float, extremities: list[int]
+) -> CommittedBatch:
     rows = [
         (assigned[e.event_id], e.event_id, e.room_id, e.type, e.state_key, e.sender)
         for e, backfilled in zip(plan.new_events, plan.new_backfilled, strict=True)
@@ -220,15 +227,9 @@ def _committed(plan: BatchPlan, assigned: dict[str, int], seconds: float) -> Com
         events=rows,
         event_count=len(plan.new_events),
         seconds=seconds,
-        forward_extremities=[],
-        type_classes=[_type_class(e.type, e.state_key) for e in plan.new_events],
+        forward_extremities=extremities,
+        by_type_class=Counter(type_class(e.type, e.state_key) for e in plan.new_events),
     )
-
-
-def _type_class(event_type: str, state_key: str | None) -> str:
-    if state_key is not None:
-        return "state"
-    return "message" if event_type == "m.room.message" else "other"
 
 
 def _fail_all(batch: Sequence[PendingRequest], error: PersisterError) -> None:
@@ -239,4 +240,3 @@ def _fail_all(batch: Sequence[PendingRequest], error: PersisterError) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-

@@ -16,7 +16,9 @@ import psycopg
 
 from persister.dag import LinkRequest
 from persister.errors import NotMyShard, StoreUnavailable, Unavailable
+from persister.metrics import Metrics
 from persister.positions import WriterPositions
+from persister.status import InstanceStatusBody
 from persister.storage import streams
 from persister.wire import EventResult
 from persister.writer.lane import CommittedBatch, Lane, LaneSettings
@@ -34,16 +36,11 @@ class Owners(Protocol):
 class Announcer(Protocol):
     """Where committed rows and positions go (Redis in production)."""
 
-    async def publish_batch(self, rows: list[tuple[int, str, str, str, str | None, str]],
-                            position: int) -> None: ...
+    async def publish_batch(
+        self, rows: list[tuple[int, str, str, str, str | None, str]], position: int
+    ) -> None: ...
 
     async def publish_position(self, position: int) -> None: ...
-
-
-class WriterStats:
-    def __init__(self) -> None:
-        self.events_persisted = 0
-        self.batches = 0
 
 
 class Writer:
@@ -62,7 +59,8 @@ class Writer:
         self.owners = owners
         self.announcer = announcer
         self.positions = WriterPositions(instance, 0)
-        self.stats = WriterStats()
+        self.metrics = Metrics(instance)
+        self.events_persisted = 0
         self.lanes = [Lane(settings, self.positions, budget, self._committed) for _ in range(lanes)]
         self.accepting = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -106,11 +104,34 @@ class Writer:
     def position(self) -> int:
         return self.positions.position()
 
+    async def status(self) -> InstanceStatusBody:
+        async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
+            sequence = await streams.read_sequence_position(conn)
+            rooms = await conn.execute("SELECT room_id FROM rooms")
+            owned = sum(
+                1
+                for (room_id,) in await rooms.fetchall()
+                if self.owners.owner(room_id) == self.instance
+            )
+        return InstanceStatusBody(
+            instance=self.instance,
+            position=self.positions.position(),
+            queued_events=self.budget.events,
+            rooms_owned=owned,
+            events_persisted=self.events_persisted,
+            sequence=sequence,
+        )
+
     async def _committed(self, batch: CommittedBatch) -> None:
-        self.stats.events_persisted += batch.event_count
-        self.stats.batches += 1
+        self.events_persisted += batch.event_count
+        position = self.positions.position()
+        self.metrics.batch_committed(
+            batch.event_count, batch.by_type_class, batch.seconds, batch.forward_extremities
+        )
+        self.metrics.set_queue_depth(self.budget.events)
+        self.metrics.set_position(position)
         if self.announcer is not None:
-            await self.announcer.publish_batch(batch.events, self.positions.position())
+            await self.announcer.publish_batch(batch.events, position)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait until everything accepted is answered."""

@@ -47,12 +47,16 @@ async def test_an_event_is_answered_with_its_stream_ordering_and_is_in_the_table
     assert result["depth"] == 1
     assert answer["position"]["instance"] == "persister1"
     assert answer["position"]["stream_id"] >= result["stream_ordering"] > 0
-    stored = rows(database_url,
-                  "SELECT stream_ordering, topological_ordering, instance_name, outlier, type "
-                  "FROM events WHERE event_id = %s", event_id)
+    stored = rows(
+        database_url,
+        "SELECT stream_ordering, topological_ordering, instance_name, outlier, type "
+        "FROM events WHERE event_id = %s",
+        event_id,
+    )
     assert stored == [(result["stream_ordering"], 1, "persister1", False, "m.room.message")]
-    assert rows(database_url, "SELECT room_version FROM event_json WHERE event_id = %s",
-                event_id) == [("10",)]
+    assert rows(
+        database_url, "SELECT room_version FROM event_json WHERE event_id = %s", event_id
+    ) == [("10",)]
     assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(event_id,)]
 
 
@@ -106,8 +110,9 @@ async def test_outliers_and_rejected_events_are_stored_but_never_extremities(
     await post(api, room, first)
     _, outlier = room.event(prevs=["$unknown:x"], advance=False)
     rejected_id, rejected = room.event(prevs=[first_id], advance=False)
-    data = body("10", envelope(outlier, outlier=True),
-                envelope(rejected, rejected_reason="auth_error"))
+    data = body(
+        "10", envelope(outlier, outlier=True), envelope(rejected, rejected_reason="auth_error")
+    )
     resp = await api.post(events_path(room.room_id), data=data, headers=AUTH)
     assert resp.status == 200, await resp.text()
     assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(first_id,)]
@@ -124,8 +129,9 @@ async def test_a_missing_or_wrong_secret_is_401_and_stores_nothing(
 ) -> None:
     room = RoomBuilder()
     headers = {} if header is None else {"Authorization": header}
-    resp = await api.post(events_path(room.room_id), data=body("10", envelope(room.event()[1])),
-                          headers=headers)
+    resp = await api.post(
+        events_path(room.room_id), data=body("10", envelope(room.event()[1])), headers=headers
+    )
     assert resp.status == 401
     assert (await resp.json())["errcode"] in ("M_MISSING_TOKEN", "M_UNKNOWN_TOKEN")
     assert rows(database_url, "SELECT count(*) FROM events") == [(0,)]
@@ -161,8 +167,9 @@ async def test_a_body_over_the_limit_is_413(writer: Any) -> None:
     async with TestClient(TestServer(app)) as api:
         room = RoomBuilder()
         _, pdu = room.event(content={"body": "x" * 4000, "msgtype": "m.text"})
-        resp = await api.post(events_path(room.room_id), data=body("10", envelope(pdu)),
-                              headers=AUTH)
+        resp = await api.post(
+            events_path(room.room_id), data=body("10", envelope(pdu)), headers=AUTH
+        )
         assert resp.status == 413
         assert (await resp.json())["errcode"] == "M_TOO_LARGE"
 
@@ -171,7 +178,9 @@ async def test_a_room_owned_by_another_persister_is_421_naming_the_owner(
     database_url: str, redis_url: str, redis_channel: str
 ) -> None:
     config = make_config(
-        database_url, redis_url, redis_channel,
+        database_url,
+        redis_url,
+        redis_channel,
         stream_writers={"events": ["persister1", "persister2"]},
         instance_map={"persister1": {"port": 18101}, "persister2": {"port": 18102}},
     )
@@ -203,20 +212,28 @@ def _room_owned_by_second_of_two() -> str:
 async def test_a_full_queue_answers_503_with_retry_after(
     database_url: str, redis_url: str, redis_channel: str
 ) -> None:
-    config = make_config(database_url, redis_url, redis_channel,
-                         persist={"max_queued_events": 5, "max_events_per_request": 5})
+    config = make_config(
+        database_url,
+        redis_url,
+        redis_channel,
+        persist={"max_queued_events": 5, "max_events_per_request": 5},
+    )
     writer = build_writer(config, "persister1")
     await writer.start()
     try:
         app = build_app(writer, SECRET, max_body=1 << 20, max_events=5)
         async with TestClient(TestServer(app)) as api:
             rooms = [RoomBuilder(room_id=f"!flood{i}:example.org") for i in range(40)]
-            answers = await asyncio.gather(*(
-                api.post(events_path(r.room_id),
-                         data=body("10", *(envelope(r.event()[1]) for _ in range(5))),
-                         headers=AUTH)
-                for r in rooms
-            ))
+            answers = await asyncio.gather(
+                *(
+                    api.post(
+                        events_path(r.room_id),
+                        data=body("10", *(envelope(r.event()[1]) for _ in range(5))),
+                        headers=AUTH,
+                    )
+                    for r in rooms
+                )
+            )
             statuses = [a.status for a in answers]
             assert 503 in statuses and 200 in statuses
             refused = next(a for a in answers if a.status == 503)

@@ -27,9 +27,18 @@ def event(
     auth: tuple[str, ...] = (),
 ) -> PreparedEvent:
     return PreparedEvent(
-        event_id=event_id, room_id=room_id, type="m.room.message", state_key=None,
-        sender="@a:example.org", origin_server_ts=0, depth=depth, prev_event_ids=prevs,
-        auth_event_ids=auth, outlier=outlier, rejected_reason=rejected, json="{}",
+        event_id=event_id,
+        room_id=room_id,
+        type="m.room.message",
+        state_key=None,
+        sender="@a:example.org",
+        origin_server_ts=0,
+        depth=depth,
+        prev_event_ids=prevs,
+        auth_event_ids=auth,
+        outlier=outlier,
+        rejected_reason=rejected,
+        json="{}",
     )
 
 
@@ -48,7 +57,9 @@ def view(
     )
 
 
-def stored(ordering: int, *, outlier: bool = False, rejected: bool = False, room_id: str = ROOM) -> StoredEvent:
+def stored(
+    ordering: int, *, outlier: bool = False, rejected: bool = False, room_id: str = ROOM
+) -> StoredEvent:
     return StoredEvent(room_id, outlier, rejected, ordering, 1)
 
 
@@ -172,10 +183,13 @@ def test_an_outlier_arriving_as_a_timeline_event_is_deoutliered_in_place() -> No
 
 def test_a_later_request_in_the_batch_sees_what_an_earlier_one_planned() -> None:
     v = view()
-    plan = link_batch(v, [
-        LinkRequest(ROOM, "10", False, [event("$a")]),
-        LinkRequest(ROOM, "10", False, [event("$b", ("$a",))]),
-    ])
+    plan = link_batch(
+        v,
+        [
+            LinkRequest(ROOM, "10", False, [event("$a")]),
+            LinkRequest(ROOM, "10", False, [event("$b", ("$a",))]),
+        ],
+    )
     assert forward_after(v) == {"$b"}
     # $a was added then removed in one batch: no row to write for it.
     assert plan.forward_added == {(ROOM, "$b")} and plan.forward_removed == set()
@@ -184,10 +198,13 @@ def test_a_later_request_in_the_batch_sees_what_an_earlier_one_planned() -> None
 
 def test_a_room_version_mismatch_fails_only_that_request() -> None:
     v = view({"$a": stored(1)}, forward={"$a"})
-    plan = link_batch(v, [
-        LinkRequest(ROOM, "9", False, [event("$x", ("$a",))]),
-        LinkRequest(ROOM, "10", False, [event("$b", ("$a",))]),
-    ])
+    plan = link_batch(
+        v,
+        [
+            LinkRequest(ROOM, "9", False, [event("$x", ("$a",))]),
+            LinkRequest(ROOM, "10", False, [event("$b", ("$a",))]),
+        ],
+    )
     assert isinstance(plan.outcomes[0], InvalidEvent)
     assert "room_version" in str(plan.outcomes[0])
     assert [e.event_id for e in plan.new_events] == ["$b"]
