@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(config)
         return _run_async(COMMANDS[args.command](args, config))
     except PersisterError as exc:
-        print(f"persister {args.command}: {exc.message}", file=sys.stderr)
+        # One line, even when a driver's message spans several.
+        print(f"persister {args.command}: {' '.join(exc.message.split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -11,10 +11,12 @@ import logging
 import signal
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from persister.config import Config, ConfigError
 from persister.errors import PersisterError
 from persister.http.app import build_app
+from persister.replication.publisher import Publisher, redis_client
 from persister.sharding import sha256_owner
 from persister.writer.lane import LaneSettings
 from persister.writer.queue import Budget
@@ -43,7 +45,19 @@ def build_writer(config: Config, instance: str) -> Writer:
     )
     budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
     owners = StaticOwners(list(config.stream_writers.events))
-    return Writer(instance, settings, config.database.writer_connections, budget, owners, None)
+    publisher = Publisher(config.redis.url, config.redis.channel, instance)
+    return Writer(instance, settings, config.database.writer_connections, budget, owners, publisher)
+
+
+async def check_redis(url: str) -> None:
+    """`run` refuses to start without Redis; afterwards an outage only delays announcements."""
+    client = redis_client(url)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise PersisterError(f"cannot reach Redis at {url}: {exc}") from None
+    finally:
+        await client.aclose()
 
 
 def resolve_instance(config: Config, instance: str | None) -> str:
@@ -55,6 +69,7 @@ def resolve_instance(config: Config, instance: str | None) -> str:
 
 
 async def serve(config: Config, instance: str) -> None:
+    await check_redis(config.redis.url)
     writer = build_writer(config, instance)
     await writer.start()
     location = config.location(instance)

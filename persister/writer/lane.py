@@ -22,6 +22,7 @@ from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
 from persister.errors import BadRequest, InvalidEvent, PersisterError, StoreUnavailable
 from persister.metrics import type_class
 from persister.positions import WriterPositions
+from persister.replication.messages import EventRow
 from persister.storage import events_txn
 from persister.storage.streams import upsert_stream_position_txn
 from persister.wire import EventResult
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 class CommittedBatch:
     """What the lane tells its writer after a COMMIT, for publishing."""
 
-    events: list[tuple[int, str, str, str, str | None, str]]
+    events: list[EventRow]
     event_count: int
     seconds: float
     # After the commit, per room the batch touched.
@@ -144,6 +145,8 @@ class Lane:
                 plan, assigned, extremities = await self._write_batch(batch, allocated)
         finally:
             self.positions.finish(allocated)
+        # No await between finish() and handing the rows to the publisher:
+        # a heartbeat must not announce a position covering rows it lacks.
         elapsed = time.perf_counter() - started
         self._acknowledge(batch, plan, assigned)
         await self.on_commit(_committed(plan, assigned, elapsed, extremities))
@@ -219,7 +222,7 @@ def _committed(
     plan: BatchPlan, assigned: dict[str, int], seconds: float, extremities: list[int]
 ) -> CommittedBatch:
     rows = [
-        (assigned[e.event_id], e.event_id, e.room_id, e.type, e.state_key, e.sender)
+        EventRow(assigned[e.event_id], e.event_id, e.room_id, e.type, e.state_key, e.sender)
         for e, backfilled in zip(plan.new_events, plan.new_backfilled, strict=True)
         if not backfilled
     ]

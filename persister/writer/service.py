@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import psycopg
@@ -18,6 +19,7 @@ from persister.dag import LinkRequest
 from persister.errors import NotMyShard, StoreUnavailable, Unavailable
 from persister.metrics import Metrics
 from persister.positions import WriterPositions
+from persister.replication.messages import EventRow
 from persister.status import InstanceStatusBody
 from persister.storage import streams
 from persister.wire import EventResult
@@ -36,11 +38,17 @@ class Owners(Protocol):
 class Announcer(Protocol):
     """Where committed rows and positions go (Redis in production)."""
 
-    async def publish_batch(
-        self, rows: list[tuple[int, str, str, str, str | None, str]], position: int
-    ) -> None: ...
+    async def publish_batch(self, rows: Sequence[EventRow], position: int) -> None: ...
 
     async def publish_position(self, position: int) -> None: ...
+
+    async def start(self) -> None: ...
+
+    def start_heartbeat(
+        self, get_position: Callable[[], Awaitable[int]], interval_s: float = 1.0
+    ) -> None: ...
+
+    async def close(self, flush_timeout_s: float = 1.0) -> None: ...
 
 
 class Writer:
@@ -64,6 +72,9 @@ class Writer:
         self.lanes = [Lane(settings, self.positions, budget, self._committed) for _ in range(lanes)]
         self.accepting = False
         self._tasks: list[asyncio.Task[None]] = []
+        # Reads the shared sequence for heartbeats, apart from the lanes so
+        # that a long batch never delays an idle announcement.
+        self._control: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
     async def start(self) -> None:
         try:
@@ -77,6 +88,10 @@ class Writer:
         for lane in self.lanes:
             lane.positions = self.positions
         self._tasks = [asyncio.create_task(lane.run()) for lane in self.lanes]
+        if self.announcer is not None:
+            await self.announcer.start()
+            await self.announcer.publish_position(start)
+            self.announcer.start_heartbeat(self._sequence_position)
         self.accepting = True
         logger.info("writer %s started at position %d", self.instance, start)
 
@@ -102,6 +117,19 @@ class Writer:
         return await asyncio.shield(done)
 
     def position(self) -> int:
+        return self.positions.position()
+
+    async def _sequence_position(self) -> int:
+        """The position an idle writer may announce: what the sequence handed out."""
+        try:
+            if self._control is None or self._control.closed:
+                self._control = await psycopg.AsyncConnection.connect(
+                    self.settings.database_url, autocommit=True
+                )
+            self.positions.observe(await streams.read_sequence_position(self._control))
+        except psycopg.Error as exc:
+            logger.warning("heartbeat cannot read the stream sequence: %s", exc)
+            self._control = None
         return self.positions.position()
 
     async def status(self) -> InstanceStatusBody:
@@ -151,3 +179,6 @@ class Writer:
             await lane.close()
         if self.announcer is not None:
             await self.announcer.publish_position(self.positions.position())
+            await self.announcer.close()
+        if self._control is not None:
+            await self._control.close()

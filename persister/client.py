@@ -1,0 +1,539 @@
+"""The event creator's side of the persist API (contract sections 2, 3 and 7).
+
+An event creator must send each room's events to the one persister that owns
+the room, keep one room's requests in order, and ride out restarts and
+saturation of persisters. Resending is always safe: persisting an event that
+is already stored changes nothing and returns its original result with
+`duplicate: true`, so a request whose answer was lost is simply sent again.
+
+Everything this module raises is a `persister.errors.PersisterError`:
+
+    ClientError                    carries room_id, status, errcode, error
+    ├── PersistRejected            a 4xx other than 421: resending cannot help
+    │   ├── InvalidRequest         400 (also a persister.errors.BadRequest)
+    │   ├── AuthenticationFailed   401 (also a persister.errors.Unauthorized)
+    │   └── RequestTooLarge        413 (also a persister.errors.BodyTooLarge)
+    ├── UnknownOwner               a 421 named an instance missing from instance_map
+    ├── ServerError                a 500, or an answer the client cannot read
+    └── PersistUnavailable         the deadline passed while retrying
+                                   (also a persister.errors.Unavailable)
+
+Connection errors, timeouts, 503 (after its Retry-After) and the proxy
+answers 429, 502 and 504 are retried with capped exponential backoff until
+`ClientOptions.deadline_s`; a 421 is followed to the owner it names at once.
+`status` is 0 when the last attempt got no HTTP answer at all (connection
+refused or dropped, or a timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+import yarl
+
+from persister import errors, sharding, wire
+from persister.config import Config
+
+logger = logging.getLogger(__name__)
+
+Placement = Callable[[str, Sequence[str]], str]
+Sleep = Callable[[float], Awaitable[None]]
+EventLike = wire.EventEnvelope | Mapping[str, Any]
+
+# Answers that mean "this persister cannot take the request right now".
+# 502 and 504 come from a proxy in front of a restarting persister; 429 is
+# what a rate-limiting proxy says. None of them means the request is wrong.
+_RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+_error_decoder = msgspec.json.Decoder(wire.ErrorBody)
+
+
+class ClientError(errors.PersisterError):
+    """A persist call failed; `status`, `errcode` and `error` say how."""
+
+    def __init__(self, room_id: str, status: int, errcode: str, error: str) -> None:
+        # Only the message is passed on: the persister.errors classes mixed
+        # in below agree on nothing else in their constructors.
+        super().__init__(f"persisting into {room_id} failed: {status} {errcode}: {error}")
+        self.room_id = room_id
+        self.status = status
+        self.errcode = errcode
+        self.error = error
+
+
+class PersistRejected(ClientError):
+    """The persister refused the request itself; sending it again will not help."""
+
+
+class InvalidRequest(PersistRejected, errors.BadRequest):
+    pass
+
+
+class AuthenticationFailed(PersistRejected, errors.Unauthorized):
+    pass
+
+
+class RequestTooLarge(PersistRejected, errors.BodyTooLarge):
+    pass
+
+
+class UnknownOwner(ClientError):
+    """A 421 named an owner this client has no address for: update instance_map."""
+
+    def __init__(self, room_id: str, owner: str) -> None:
+        super().__init__(
+            room_id, 421, "M_WRONG_SHARD", f"the owner {owner!r} is not in instance_map"
+        )
+        self.owner = owner
+
+
+class ServerError(ClientError):
+    """The persister failed or answered something outside the contract."""
+
+
+class PersistUnavailable(ClientError, errors.Unavailable):
+    """No persister took the request before the deadline; the last failure is kept."""
+
+    def __init__(
+        self, room_id: str, status: int, errcode: str, error: str, *, attempts: int
+    ) -> None:
+        super().__init__(room_id, status, errcode, f"{error} (gave up after {attempts} attempts)")
+        self.attempts = attempts
+        self.retry_after_s = 0.0
+
+
+_REJECTIONS: dict[int, type[PersistRejected]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    413: RequestTooLarge,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    # One attempt; a request that takes longer is abandoned and resent.
+    request_timeout_s: float = 10.0
+    # The whole call, retries included, counted from when the room's earlier
+    # requests are done (waiting for them is not this request's fault);
+    # then PersistUnavailable.
+    deadline_s: float = 60.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    connections_per_host: int = 32
+    # Rooms whose owner was learned from a 421; the oldest are forgotten
+    # first, which costs one more 421 for that room, nothing else.
+    max_remembered_owners: int = 100_000
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters for load harnesses; they only grow."""
+
+    attempts: int = 0
+    retries: int = 0
+    redirects: int = 0
+    timeouts: int = 0
+    connection_errors: int = 0
+    unavailable: int = 0
+
+    def snapshot(self) -> ClientStats:
+        return replace(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    status: int
+    errcode: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Redirect:
+    owner: str
+    failure: _Failure
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    failure: _Failure
+    retry_after_s: float | None = None
+
+
+_Outcome = wire.PersistResponse | _Redirect | _Retry
+
+
+@dataclass(slots=True)
+class _Call:
+    """The retry state of one `persist` call."""
+
+    room_id: str
+    deadline: float
+    backoff: _Backoff
+    visited: set[str] = field(default_factory=set)
+    attempts: int = 0
+    last_failure: _Failure = _Failure(0, "M_UNKNOWN", "no attempt was made")
+
+    def give_up(self) -> PersistUnavailable:
+        f = self.last_failure
+        return PersistUnavailable(
+            self.room_id, f.status, f.errcode, f.error, attempts=self.attempts
+        )
+
+
+@dataclass(slots=True)
+class _RoomSlot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class _RoomQueue:
+    """One request in flight per room, the others waiting in call order.
+
+    asyncio.Lock wakes waiters first-in first-out and never lets a newcomer
+    overtake them, so holding it around the whole retry loop keeps a room's
+    requests in the order `persist` was called. Slots are dropped when
+    unused so that a long-lived client does not keep one per room ever seen.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[str, _RoomSlot] = {}
+
+    @asynccontextmanager
+    async def turn(self, room_id: str) -> AsyncIterator[None]:
+        slot = self._slots.setdefault(room_id, _RoomSlot())
+        slot.users += 1
+        try:
+            async with slot.lock:
+                yield
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._slots[room_id]
+
+
+class _Backoff:
+    """Capped exponential delays with "equal jitter".
+
+    Half of each delay is fixed so that delays really grow; the random
+    other half spreads clients that failed together (a persister restart)
+    so they do not come back in one burst.
+    """
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random) -> None:
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self._rng = rng
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self._max_s, self._initial_s * 2.0 ** min(self._failures, 60))
+        self._failures += 1
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    seconds: float | None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = _seconds_until_http_date(value, now or datetime.now(UTC))
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _seconds_until_http_date(value: str, now: datetime) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - now).total_seconds()
+
+
+def encode_request(
+    room_version: str, events: Sequence[EventLike], backfilled: bool = False
+) -> bytes:
+    body = {"room_version": room_version, "backfilled": backfilled, "events": list(events)}
+    return wire.encoder.encode(body)
+
+
+def persist_url(host: str, port: int, room_id: str) -> yarl.URL:
+    # The room ID is percent-encoded as one path segment ("!" and ":" too),
+    # and yarl is told so, lest it re-quote or normalise it.
+    path = f"/_persist/v1/rooms/{quote(room_id, safe='')}/events"
+    netloc = f"[{host}]" if ":" in host else host
+    return yarl.URL(f"http://{netloc}:{port}{path}", encoded=True)
+
+
+def _placement_for(scheme: str) -> Placement:
+    # `persister.sharding` names each scheme's function `<scheme>_owner`;
+    # looking it up keeps the client in step with schemes added there.
+    found = getattr(sharding, f"{scheme}_owner", None)
+    if found is None:
+        logger.warning(
+            "placement scheme %s is unknown to the client; using sha256 and 421 answers",
+            scheme,
+        )
+        return sharding.sha256_owner
+    return cast(Placement, found)
+
+
+class PersisterClient:
+    """Sends events to the persister owning their room, in order, with retries.
+
+    Requests for one room go one at a time in call order; different rooms go
+    concurrently over one pooled session. If a call fails, later calls for
+    the same room still proceed: whether to continue is the caller's choice.
+    Results may say `duplicate: true` for events that an earlier, timed-out
+    attempt of the same call had already stored.
+    """
+
+    def __init__(
+        self,
+        writers: Sequence[str],
+        instance_map: Mapping[str, tuple[str, int]],
+        secret: str,
+        *,
+        options: ClientOptions | None = None,
+        placement: Placement = sharding.sha256_owner,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._options = options or ClientOptions()
+        self._placement = placement
+        self._rng = rng or random.Random()
+        self._sleep = sleep  # tests replace it to observe the delays
+        self._headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+        self._writers: tuple[str, ...] = ()
+        self._instances: dict[str, tuple[str, int]] = {}
+        self._learned: dict[str, str] = {}
+        self._rooms = _RoomQueue()
+        self._http: aiohttp.ClientSession | None = None
+        self._closed = False
+        self.stats = ClientStats()
+        self.set_writers(writers, instance_map)
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, options: ClientOptions | None = None
+    ) -> PersisterClient:
+        instance_map = {name: (loc.host, loc.port) for name, loc in config.instance_map.items()}
+        return cls(
+            config.stream_writers.events,
+            instance_map,
+            config.secret(),
+            options=options,
+            placement=_placement_for(config.sharding),
+        )
+
+    # -- routing -------------------------------------------------------
+
+    def set_writers(
+        self,
+        writers: Sequence[str],
+        instance_map: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        """Adopt a new writer list (a reshard); owners learned from 421s are dropped."""
+        instances = dict(self._instances if instance_map is None else instance_map)
+        if not writers:
+            raise ValueError("the writer list must name at least one persister")
+        missing = [w for w in writers if w not in instances]
+        if missing:
+            raise ValueError(f"writers {missing} have no address in instance_map")
+        self._writers = tuple(writers)
+        self._instances = instances
+        self._learned.clear()
+
+    def owner_of(self, room_id: str) -> str:
+        """The instance this client will send the room's next request to."""
+        return self._learned.get(room_id) or self._placement(room_id, self._writers)
+
+    def remember_owner(self, room_id: str, owner: str) -> None:
+        """Record an owner named by a 421 (a pin or a newer map than ours)."""
+        self._learned.pop(room_id, None)
+        if owner == self._placement(room_id, self._writers):
+            return
+        if len(self._learned) >= self._options.max_remembered_owners:
+            del self._learned[next(iter(self._learned))]  # the oldest entry
+        self._learned[room_id] = owner
+
+    @property
+    def writers(self) -> tuple[str, ...]:
+        return self._writers
+
+    @property
+    def remembered_owners(self) -> int:
+        return len(self._learned)
+
+    # -- persisting ----------------------------------------------------
+
+    async def persist(
+        self,
+        room_id: str,
+        room_version: str,
+        events: Sequence[EventLike],
+        backfilled: bool = False,
+    ) -> wire.PersistResponse:
+        body = encode_request(room_version, events, backfilled)
+        async with self._rooms.turn(room_id):
+            return await self._send(room_id, body)
+
+    async def _send(self, room_id: str, body: bytes) -> wire.PersistResponse:
+        loop = asyncio.get_running_loop()
+        call = _Call(
+            room_id,
+            deadline=loop.time() + self._options.deadline_s,
+            backoff=_Backoff(
+                self._options.backoff_initial_s, self._options.backoff_max_s, self._rng
+            ),
+        )
+        while True:
+            owner = self.owner_of(room_id)
+            call.visited.add(owner)
+            call.attempts += 1
+            outcome = await self._attempt(owner, room_id, body, call.deadline - loop.time())
+            if isinstance(outcome, wire.PersistResponse):
+                return outcome
+            call.last_failure = outcome.failure
+            delay = self._delay_after(call, outcome)
+            await self._pause(call, delay)
+
+    def _delay_after(self, call: _Call, outcome: _Redirect | _Retry) -> float:
+        if isinstance(outcome, _Redirect):
+            self.stats.redirects += 1
+            self.remember_owner(call.room_id, outcome.owner)
+            if outcome.owner not in call.visited:
+                return 0.0  # follow it at once
+            # Instances disagree on the owner, as they may while a reshard
+            # takes effect: give them time to settle.
+            call.visited.clear()
+            return call.backoff.next_delay()
+        ladder = call.backoff.next_delay()  # climbs even when the server sets the pace
+        if outcome.retry_after_s is None:
+            return ladder
+        # Never sooner than asked; up to 10% later so refused clients spread out.
+        return outcome.retry_after_s * (1 + self._rng.uniform(0, 0.1))
+
+    async def _pause(self, call: _Call, delay: float) -> None:
+        if asyncio.get_running_loop().time() + delay >= call.deadline:
+            raise call.give_up()
+        if delay == 0:
+            return
+        self.stats.retries += 1
+        logger.debug("retrying room=%s in %.3fs after %s", call.room_id, delay, call.last_failure)
+        await self._sleep(delay)
+
+    async def _attempt(self, owner: str, room_id: str, body: bytes, budget_s: float) -> _Outcome:
+        host, port = self._instances[owner]
+        timeout = aiohttp.ClientTimeout(total=min(self._options.request_timeout_s, budget_s))
+        self.stats.attempts += 1
+        try:
+            async with self._session().post(
+                persist_url(host, port, room_id), data=body, headers=self._headers, timeout=timeout
+            ) as answer:
+                payload = await answer.read()
+                return self._interpret(owner, room_id, answer.status, answer.headers, payload)
+        except TimeoutError:
+            self.stats.timeouts += 1
+            return _Retry(_Failure(0, "M_TIMEOUT", f"{owner} did not answer in {timeout.total}s"))
+        except aiohttp.ClientError as exc:
+            # Refused, reset, or dropped before the whole answer arrived: the
+            # request may or may not have been committed, and resending is
+            # safe either way.
+            self.stats.connection_errors += 1
+            return _Retry(_Failure(0, "M_CONNECTION", f"{owner}: {exc!r}"))
+
+    def _interpret(
+        self, owner: str, room_id: str, status: int, headers: Mapping[str, str], payload: bytes
+    ) -> _Outcome:
+        if status == 200:
+            return self._decode_success(owner, room_id, payload)
+        body = _decode_error(payload)
+        failure = _Failure(status, body.errcode, f"{owner}: {body.error}")
+        if status == 421:
+            return self._redirect(room_id, body, failure)
+        if status in _RETRYABLE_STATUSES:
+            self.stats.unavailable += 1
+            return _Retry(failure, parse_retry_after(headers.get("Retry-After")))
+        raise _failure_exception(room_id, failure)
+
+    def _decode_success(self, owner: str, room_id: str, payload: bytes) -> wire.PersistResponse:
+        try:
+            return wire.response_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise ServerError(room_id, 200, "M_BAD_ANSWER", f"{owner}: {exc}") from None
+
+    def _redirect(self, room_id: str, body: wire.ErrorBody, failure: _Failure) -> _Redirect:
+        if body.owner is None:
+            raise ServerError(room_id, 421, body.errcode, f"{failure.error} (no owner named)")
+        if body.owner not in self._instances:
+            raise UnknownOwner(room_id, body.owner)
+        return _Redirect(body.owner, failure)
+
+    # -- lifecycle -----------------------------------------------------
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            if self._closed:
+                raise RuntimeError("the PersisterClient is closed")
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=self._options.connections_per_host
+            )
+            self._http = aiohttp.ClientSession(connector=connector)
+        return self._http
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    async def __aenter__(self) -> PersisterClient:
+        self._session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _decode_error(payload: bytes) -> wire.ErrorBody:
+    try:
+        return _error_decoder.decode(payload)
+    except msgspec.DecodeError:
+        # Not ours (a proxy's HTML page, say): keep a readable excerpt.
+        text = payload[:200].decode("utf-8", "replace").strip()
+        return wire.ErrorBody(errcode="M_UNKNOWN", error=text or "(empty body)")
+
+
+def _failure_exception(room_id: str, failure: _Failure) -> ClientError:
+    args = (room_id, failure.status, failure.errcode, failure.error)
+    if failure.status in _REJECTIONS:
+        return _REJECTIONS[failure.status](*args)
+    if 400 <= failure.status < 500:
+        return PersistRejected(*args)
+    # A 500 is a persister bug ("never a 500 for bad input"); resending
+    # would only hide it until the deadline.
+    return ServerError(*args)
