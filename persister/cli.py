@@ -13,6 +13,9 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import psycopg
+from redis.exceptions import RedisError
+
 from persister.config import Config, load_config
 from persister.errors import PersisterError
 
@@ -25,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "serve one persister instance"),
         ("pool", "run every instance of stream_writers.events as child processes"),
         ("status", "print each instance's position, lag and queue"),
+        ("reshard", "change the writer pool or pin rooms, while it runs"),
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument(
@@ -36,7 +40,19 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             cmd.add_argument("--instance", help="instance name (or instance_name in config)")
+        if name == "reshard":
+            _reshard_arguments(cmd)
     return parser
+
+
+def _reshard_arguments(cmd: argparse.ArgumentParser) -> None:
+    what = cmd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--writers", help="the new writer list, comma-separated, in shard order")
+    what.add_argument(
+        "--pin", nargs=2, metavar=("ROOM_ID", "INSTANCE"), help="place one room on one instance"
+    )
+    what.add_argument("--unpin", metavar="ROOM_ID", help="return a pinned room to placement")
+    what.add_argument("--show", action="store_true", help="print the map in force")
 
 
 def _setup_logging(config: Config) -> None:
@@ -75,12 +91,20 @@ async def _status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+async def _reshard(args: argparse.Namespace, config: Config) -> int:
+    from persister.reshard import reshard_main
+
+    print(await reshard_main(config, args.writers, args.pin, args.unpin, args.show))
+    return 0
+
+
 Command = Callable[[argparse.Namespace, Config], Coroutine[Any, Any, int]]
 COMMANDS: dict[str, Command] = {
     "migrate": _migrate,
     "run": _run,
     "pool": _pool,
     "status": _status,
+    "reshard": _reshard,
 }
 
 
@@ -91,11 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging(config)
         return _run_async(COMMANDS[args.command](args, config))
     except PersisterError as exc:
-        # One line, even when a driver's message spans several.
-        print(f"persister {args.command}: {' '.join(exc.message.split())}", file=sys.stderr)
-        return 1
+        return _fail(args.command, exc.message)
+    except psycopg.errors.UndefinedTable as exc:
+        return _fail(args.command, f"{exc}; run `persister migrate` first")
+    except psycopg.Error as exc:
+        return _fail(args.command, f"database error: {exc}")
+    except (RedisError, OSError) as exc:
+        return _fail(args.command, f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(command: str, message: str) -> int:
+    # One line, even when a driver's message spans several.
+    print(f"persister {command}: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:

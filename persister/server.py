@@ -17,22 +17,12 @@ from persister.config import Config, ConfigError
 from persister.errors import PersisterError
 from persister.http.app import build_app
 from persister.replication.publisher import Publisher, redis_client
-from persister.sharding import sha256_owner
 from persister.writer.lane import LaneSettings
+from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget
 from persister.writer.service import Writer
 
 logger = logging.getLogger(__name__)
-
-
-class StaticOwners:
-    """Placement from `stream_writers.events` alone (Synapse's rule)."""
-
-    def __init__(self, writers: list[str]) -> None:
-        self.writers = writers
-
-    def owner(self, room_id: str) -> str:
-        return sha256_owner(room_id, self.writers)
 
 
 def build_writer(config: Config, instance: str) -> Writer:
@@ -44,7 +34,7 @@ def build_writer(config: Config, instance: str) -> Writer:
         connect_timeout_s=config.database.connect_timeout_s,
     )
     budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
-    owners = StaticOwners(list(config.stream_writers.events))
+    owners = LiveShardMap(config.database.url, tuple(config.stream_writers.events), config.sharding)
     publisher = Publisher(config.redis.url, config.redis.channel, instance)
     return Writer(instance, settings, config.database.writer_connections, budget, owners, publisher)
 

@@ -117,9 +117,7 @@ async def persist_events(request: web.Request) -> web.Response:
     _check_secret(request)
     writer = request.app[WRITER]
     room_id = request.match_info["room_id"]
-    owner = writer.owners.owner(room_id)
-    if owner != writer.instance:
-        raise NotMyShard(room_id, owner, writer.instance)
+    await writer.check_owner(room_id)
     body = await _read_body(request)
     link = _decode_request(body, room_id, request.app[MAX_EVENTS])
     results = await writer.persist(link, len(body))

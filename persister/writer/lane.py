@@ -19,16 +19,28 @@ import psycopg
 from psycopg import AsyncConnection
 
 from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
-from persister.errors import BadRequest, InvalidEvent, PersisterError, StoreUnavailable
+from persister.errors import (
+    BadRequest,
+    InvalidEvent,
+    NotMyShard,
+    PersisterError,
+    StoreUnavailable,
+)
 from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
 from persister.storage import events_txn
+from persister.storage.shard_map import fence_txn
 from persister.storage.streams import upsert_stream_position_txn
 from persister.wire import EventResult
+from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
 
 logger = logging.getLogger(__name__)
+
+
+class EpochChanged(Exception):
+    """The shard map this lane routed by is no longer in force."""
 
 
 @dataclass(slots=True)
@@ -60,9 +72,11 @@ class Lane:
         settings: LaneSettings,
         positions: WriterPositions,
         budget: Budget,
+        owners: LiveShardMap,
         on_commit: OnCommit,
     ) -> None:
         self.settings = settings
+        self.owners = owners
         self.positions = positions
         self.budget = budget
         self.on_commit = on_commit
@@ -108,6 +122,8 @@ class Lane:
         try:
             await self._ensure_connected()
             await self._persist(batch)
+        except EpochChanged:
+            await self._reroute(batch)
         except psycopg.OperationalError as exc:
             logger.warning("database connection lost: %s", exc)
             await self._drop_connection()
@@ -120,6 +136,21 @@ class Lane:
             # One request broke the batch: persist each alone so that only it fails.
             for request in batch:
                 await self._persist_isolating_failures([request])
+
+    async def _reroute(self, batch: list[PendingRequest]) -> None:
+        """A new shard map took force: moved rooms get 421, the rest go on."""
+        await self.owners.refresh()
+        kept = []
+        for request in batch:
+            owner = self.owners.owner(request.link.room_id)
+            if owner == self.settings.instance:
+                kept.append(request)
+            elif not request.done.done():
+                request.done.set_exception(
+                    NotMyShard(request.link.room_id, owner, self.settings.instance)
+                )
+        if kept:
+            await self._persist_isolating_failures(kept)
 
     async def _ensure_connected(self) -> None:
         if self.ready:
@@ -156,6 +187,8 @@ class Lane:
     ) -> tuple[BatchPlan, dict[str, int], list[int]]:
         assert self.connection is not None
         cur = self.connection.cursor()
+        if await fence_txn(cur) != self.owners.epoch:
+            raise EpochChanged()
         view = await events_txn.load_view_txn(cur, *_batch_ids(batch))
         plan = link_batch(view, [request.link for request in batch])
         forward_count = plan.new_backfilled.count(False)

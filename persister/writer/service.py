@@ -24,15 +24,10 @@ from persister.status import InstanceStatusBody
 from persister.storage import streams
 from persister.wire import EventResult
 from persister.writer.lane import CommittedBatch, Lane, LaneSettings
+from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, PendingRequest
 
 logger = logging.getLogger(__name__)
-
-
-class Owners(Protocol):
-    """Who owns a room right now (static config, or the stored shard map)."""
-
-    def owner(self, room_id: str) -> str: ...
 
 
 class Announcer(Protocol):
@@ -58,7 +53,7 @@ class Writer:
         settings: LaneSettings,
         lanes: int,
         budget: Budget,
-        owners: Owners,
+        owners: LiveShardMap,
         announcer: Announcer | None,
     ) -> None:
         self.instance = instance
@@ -69,7 +64,9 @@ class Writer:
         self.positions = WriterPositions(instance, 0)
         self.metrics = Metrics(instance)
         self.events_persisted = 0
-        self.lanes = [Lane(settings, self.positions, budget, self._committed) for _ in range(lanes)]
+        self.lanes = [
+            Lane(settings, self.positions, budget, owners, self._committed) for _ in range(lanes)
+        ]
         self.accepting = False
         self._tasks: list[asyncio.Task[None]] = []
         # Reads the shared sequence for heartbeats, apart from the lanes so
@@ -80,6 +77,7 @@ class Writer:
         try:
             async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
                 start = await streams.recover_position(conn, self.instance)
+            await self.owners.start()
             for lane in self.lanes:
                 await lane.connect()
         except psycopg.OperationalError as exc:
@@ -106,9 +104,6 @@ class Writer:
         """Queue a request and wait for its COMMIT; the answer is durable."""
         if not self.accepting:
             raise Unavailable("persister is shutting down", retry_after_s=1.0)
-        owner = self.owners.owner(link.room_id)
-        if owner != self.instance:
-            raise NotMyShard(link.room_id, owner, self.instance)
         lane = self.lanes[zlib.crc32(link.room_id.encode("utf-8")) % len(self.lanes)]
         self.budget.reserve(len(link.events), size_bytes)
         done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
@@ -118,6 +113,19 @@ class Writer:
 
     def position(self) -> int:
         return self.positions.position()
+
+    async def check_owner(self, room_id: str) -> None:
+        """Raise NotMyShard unless this instance owns the room under the newest map."""
+        if self.owners.owner(room_id) == self.instance:
+            return
+        # Maybe a new epoch gave us the room and the poll has not seen it yet.
+        try:
+            await self.owners.refresh(max_age_s=0.05)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot read the shard map: {exc}") from None
+        owner = self.owners.owner(room_id)
+        if owner != self.instance:
+            raise NotMyShard(room_id, owner, self.instance)
 
     async def _sequence_position(self) -> int:
         """The position an idle writer may announce: what the sequence handed out."""
@@ -172,6 +180,7 @@ class Writer:
         return True
 
     async def stop(self) -> None:
+        await self.owners.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
