@@ -34,7 +34,7 @@ class LiveShardMap:
         self.current = ShardMap(0, seed_writers, sharding)
         self._seed = (seed_writers, sharding)
         self._poll_interval_s = poll_interval_s
-        self._loaded_at = 0.0
+        self._load_began_at = 0.0
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
 
@@ -56,14 +56,21 @@ class LiveShardMap:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
 
-    async def refresh(self, max_age_s: float = 0.0) -> ShardMap:
-        """Reload the stored map unless it was loaded less than `max_age_s` ago."""
+    async def refresh(self) -> ShardMap:
+        """The stored map as it is now, or as read by a load that began after this call.
+
+        Concurrent callers share one load, so a burst of misdirected
+        requests costs one query, yet nobody gets a map older than its call.
+        """
+        called_at = time.monotonic()
         async with self._lock:
-            if time.monotonic() - self._loaded_at >= max_age_s:
+            if self._load_began_at < called_at:
+                began_at = time.monotonic()
                 async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
                     stored = await load_shard_map(conn)
                 if stored is not None:
                     self._install(stored)
+                self._load_began_at = began_at
         return self.current
 
     def _install(self, shard_map: ShardMap) -> None:
@@ -75,12 +82,11 @@ class LiveShardMap:
                 len(shard_map.pins),
             )
         self.current = shard_map
-        self._loaded_at = time.monotonic()
 
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self._poll_interval_s)
             try:
-                await self.refresh(self._poll_interval_s / 2)
+                await self.refresh()
             except psycopg.Error as exc:
                 logger.warning("cannot reload the shard map: %s", exc)

@@ -120,7 +120,7 @@ class Writer:
             return
         # Maybe a new epoch gave us the room and the poll has not seen it yet.
         try:
-            await self.owners.refresh(max_age_s=0.05)
+            await self.owners.refresh()
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot read the shard map: {exc}") from None
         owner = self.owners.owner(room_id)
