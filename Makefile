@@ -58,7 +58,8 @@ demo: services
 	. ./$(SERVICES_ENV) && $(PY) -m persister.demo
 
 bench: services
-	. ./$(SERVICES_ENV) && $(PY) -m pytest bench --benchmark-only -q
+	. ./$(SERVICES_ENV) && $(PY) -m pytest bench/micro --benchmark-only -q
+	. ./$(SERVICES_ENV) && $(PY) bench/run.py --message-bytes 1024 --batch 50 --mode both --out bench/results/latest
 
 # Stops the embedded servers first: deleting .data/pg under a running
 # PostgreSQL would leave it running on a vanished data folder.

@@ -109,7 +109,13 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # The harness has its own options (it may start its own pool).
+        from persister.bench.harness import main as bench_main
+
+        return bench_main(arguments[1:])
+    args = _parser().parse_args(arguments)
     try:
         config = load_config(args.config)
         _setup_logging(config)

@@ -21,21 +21,14 @@ Cursor = AsyncCursor[Any]
 SELECT_STORED_EVENTS = """
 SELECT event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
        topological_ordering
-FROM events WHERE event_id = ANY(%s)
+FROM events WHERE event_id = ANY(%b)
 """
-SELECT_ROOM_VERSIONS = "SELECT room_id, room_version FROM rooms WHERE room_id = ANY(%s)"
+SELECT_ROOM_VERSIONS = "SELECT room_id, room_version FROM rooms WHERE room_id = ANY(%b)"
 SELECT_FORWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_forward_extremities WHERE room_id = ANY(%s)
+SELECT room_id, event_id FROM event_forward_extremities WHERE room_id = ANY(%b)
 """
 SELECT_BACKWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%s)
-"""
-# Outliers and rejected events do not hold their prevs back from being
-# forward extremities (Synapse's _get_events_which_are_prevs).
-SELECT_REFERENCED = """
-SELECT DISTINCT edge.prev_event_id
-FROM event_edges AS edge JOIN events AS ev ON ev.event_id = edge.event_id
-WHERE edge.prev_event_id = ANY(%s) AND NOT ev.outlier AND ev.rejection_reason IS NULL
+SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%b)
 """
 
 ALLOCATE_FORWARD = "SELECT nextval('events_stream_seq') FROM generate_series(1, %s)"
@@ -46,47 +39,47 @@ INSERT INTO events (stream_ordering, topological_ordering, event_id, room_id, ty
                     sender, origin_server_ts, received_ts, outlier, rejection_reason,
                     instance_name)
 SELECT o, d, e, r, t, s, snd, ts, %s, ol, rr, %s
-FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[],
-            %s::text[], %s::bigint[], %s::bool[], %s::text[])
+FROM unnest(%b::bigint[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],
+            %b::text[], %b::bigint[], %b::bool[], %b::text[])
      AS u(o, d, e, r, t, s, snd, ts, ol, rr)
 """
 INSERT_EVENT_JSON = """
 INSERT INTO event_json (event_id, room_id, json, room_version)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])
 """
 INSERT_EDGES = """
 INSERT INTO event_edges (event_id, prev_event_id, room_id)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[])
 ON CONFLICT DO NOTHING
 """
 INSERT_AUTH = """
 INSERT INTO event_auth (event_id, auth_id, room_id)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[])
 """
 INSERT_REJECTIONS = """
 INSERT INTO rejections (event_id, reason, last_check)
-SELECT e, r, %s FROM unnest(%s::text[], %s::text[]) AS u(e, r)
+SELECT e, r, %s FROM unnest(%b::text[], %b::text[]) AS u(e, r)
 """
 INSERT_ROOMS = """
 INSERT INTO rooms (room_id, room_version)
-SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING
+SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
 """
-DEOUTLIER = "UPDATE events SET outlier = FALSE WHERE event_id = ANY(%s)"
+DEOUTLIER = "UPDATE events SET outlier = FALSE WHERE event_id = ANY(%b)"
 DELETE_FORWARD = """
-DELETE FROM event_forward_extremities AS f USING unnest(%s::text[], %s::text[]) AS u(r, e)
+DELETE FROM event_forward_extremities AS f USING unnest(%b::text[], %b::text[]) AS u(r, e)
 WHERE f.room_id = u.r AND f.event_id = u.e
 """
 INSERT_FORWARD = """
 INSERT INTO event_forward_extremities (room_id, event_id)
-SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING
+SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
 """
 DELETE_BACKWARD = """
-DELETE FROM event_backward_extremities AS b USING unnest(%s::text[], %s::text[]) AS u(r, e)
+DELETE FROM event_backward_extremities AS b USING unnest(%b::text[], %b::text[]) AS u(r, e)
 WHERE b.room_id = u.r AND b.event_id = u.e
 """
 INSERT_BACKWARD = """
 INSERT INTO event_backward_extremities (room_id, event_id)
-SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING
+SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
 """
 
 
@@ -101,7 +94,6 @@ async def load_view_txn(
         c_rooms = await conn.execute(SELECT_ROOM_VERSIONS, (list(room_ids),))
         c_forward = await conn.execute(SELECT_FORWARD_EXTREMITIES, (list(room_ids),))
         c_backward = await conn.execute(SELECT_BACKWARD_EXTREMITIES, (known_ids,))
-        c_referenced = await conn.execute(SELECT_REFERENCED, (list(event_ids),))
     events = {
         row[0]: StoredEvent(row[1], row[2], row[3], row[4], row[5])
         for row in await c_events.fetchall()
@@ -109,12 +101,18 @@ async def load_view_txn(
     forward: dict[str, set[str]] = {}
     for room_id, event_id in await c_forward.fetchall():
         forward.setdefault(room_id, set()).add(event_id)
+    backward = {(r, e) for r, e in await c_backward.fetchall()}
     return StoredView(
         events=events,
         room_versions=dict(await c_rooms.fetchall()),
         forward_extremities=forward,
-        backward_extremities={(r, e) for r, e in await c_backward.fetchall()},
-        referenced={row[0] for row in await c_referenced.fetchall()},
+        backward_extremities=backward,
+        # A stored non-outlier, non-rejected event that lists a prev it
+        # lacks (or has only as an outlier) made it a backward extremity, and
+        # it stays one until it arrives as a non-outlier. So for the events
+        # being linked, "listed as a prev by a stored event" is exactly
+        # "is a backward extremity": no join over event_edges is needed.
+        referenced={event_id for _, event_id in backward},
     )
 
 
@@ -209,8 +207,5 @@ async def _write_extremities(cur: Cursor, plan: BatchPlan) -> None:
 
 def _columns(rows: Any, width: int) -> tuple[list[Any], ...]:
     """Rows of tuples to one list per column, the shape `unnest` takes."""
-    columns: tuple[list[Any], ...] = tuple([] for _ in range(width))
-    for row in rows:
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-    return columns
+    columns = tuple(list(column) for column in zip(*rows, strict=True))
+    return columns if columns else tuple([] for _ in range(width))

@@ -270,3 +270,33 @@ async def test_many_concurrent_requests_to_the_same_and_different_rooms(
 async def test_health_answers_200_once_accepting_writes(api: Client) -> None:
     resp = await api.get("/health")
     assert resp.status == 200
+
+
+async def test_a_late_prev_event_fills_the_gap_without_becoming_a_forward_extremity(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    late_id, late = room.event()
+    child_id, child = room.event()
+    assert (await post(api, room, child))[0] == 200
+    assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == [(late_id,)]
+    assert (await post(api, room, late))[0] == 200
+    assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == []
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(child_id,)]
+
+
+async def test_an_outlier_later_sent_as_a_timeline_event_is_deoutliered(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    event_id, pdu = room.event()
+    data = body("10", envelope(pdu, outlier=True))
+    first = await (await api.post(events_path(room.room_id), data=data, headers=AUTH)).json()
+    status, second = await post(api, room, pdu)
+    assert status == 200
+    assert second["results"][0]["duplicate"] is False
+    assert second["results"][0]["stream_ordering"] == first["results"][0]["stream_ordering"]
+    assert rows(database_url, "SELECT outlier FROM events WHERE event_id = %s", event_id) == [
+        (False,)
+    ]
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(event_id,)]
