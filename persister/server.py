@@ -36,7 +36,14 @@ def build_writer(config: Config, instance: str) -> Writer:
     budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
     owners = LiveShardMap(config.database.url, tuple(config.stream_writers.events), config.sharding)
     publisher = Publisher(config.redis.url, config.redis.channel, instance)
-    return Writer(instance, settings, config.database.writer_connections, budget, owners, publisher)
+    return Writer(
+        settings,
+        config.database.writer_connections,
+        budget,
+        owners,
+        publisher,
+        (config.redis.url, config.redis.channel),
+    )
 
 
 async def check_redis(url: str) -> None:
@@ -84,18 +91,22 @@ async def serve(config: Config, instance: str) -> None:
             f"cannot listen on {location.host}:{location.port}: {exc.strerror}"
         ) from None
     logger.info("persister %s listening on %s:%d", instance, location.host, location.port)
-    await _wait_for_termination()
+    await _wait_for_termination(writer.failed)
     logger.info("persister %s draining", instance)
     drained = await writer.drain(config.shutdown_timeout_s)
     if not drained:
         logger.warning("shutdown timeout reached with requests still queued")
     await runner.cleanup()
     await writer.stop()
+    if writer.failed.done():
+        raise PersisterError(f"stopped: {writer.failed.result()}")
 
 
-async def _wait_for_termination() -> None:
+async def _wait_for_termination(failed: asyncio.Future[BaseException]) -> None:
+    """Until SIGTERM/SIGINT, or until the writer fails (exit non-zero then)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed.add_done_callback(lambda _: stop.set())
     await stop.wait()

@@ -64,6 +64,11 @@ SELECT_ROWS: Final = """
     LIMIT %s
 """
 
+SELECT_ROWS_AT: Final = """
+    SELECT stream_ordering, event_id, room_id, type, state_key, sender
+    FROM events WHERE stream_ordering = ANY(%s) ORDER BY stream_ordering
+"""
+
 SELECT_ROWS_OF_INSTANCE: Final = """
     SELECT stream_ordering, event_id, room_id, type, state_key, sender
     FROM events
@@ -200,6 +205,12 @@ async def rows_between(
     rows = [EventRow(*row) for row in await cur.fetchall()]
     limited = len(rows) > limit
     return rows[:limit], limited
+
+
+async def rows_at(conn: AsyncConnection[Any], orderings: Sequence[int]) -> list[EventRow]:
+    """The committed events among `orderings` (after a COMMIT whose answer was lost)."""
+    cur = await conn.execute(SELECT_ROWS_AT, (list(orderings),))
+    return [EventRow(*row) for row in await cur.fetchall()]
 
 
 async def ensure_instance_ids(

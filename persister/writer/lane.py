@@ -26,6 +26,7 @@ from persister.errors import (
     PersisterError,
     StoreUnavailable,
 )
+from persister.liveness import FencedOut, Liveness, fence_check_txn
 from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
@@ -56,6 +57,10 @@ class CommittedBatch:
 
 
 OnCommit = Callable[[CommittedBatch], Awaitable[None]]
+# Given the backend pid of a lane connection lost mid-transaction and the
+# orderings it held: wait until that transaction's outcome is final, and
+# return the rows it did commit after all.
+Settle = Callable[[int, list[int]], Awaitable[list[EventRow]]]
 
 
 @dataclass
@@ -74,9 +79,13 @@ class Lane:
         budget: Budget,
         owners: LiveShardMap,
         on_commit: OnCommit,
+        settle: Settle,
+        liveness: Liveness,
     ) -> None:
         self.settings = settings
         self.owners = owners
+        self.settle = settle
+        self.liveness = liveness
         self.positions = positions
         self.budget = budget
         self.on_commit = on_commit
@@ -124,6 +133,11 @@ class Lane:
             await self._persist(batch)
         except EpochChanged:
             await self._reroute(batch)
+        except FencedOut:
+            _fail_all(batch, StoreUnavailable("this instance was taken over; retry"))
+            raise
+        except PersisterError as exc:
+            _fail_all(batch, exc)
         except psycopg.OperationalError as exc:
             logger.warning("database connection lost: %s", exc)
             await self._drop_connection()
@@ -171,9 +185,14 @@ class Lane:
         # Filled as soon as orderings are allocated, so that a rollback at
         # any later point still finishes them and no gap stalls the position.
         allocated: list[int] = []
+        backend_pid = self.connection.info.backend_pid
         try:
             async with self.connection.transaction():
                 plan, assigned, extremities = await self._write_batch(batch, allocated)
+        except psycopg.OperationalError:
+            if allocated:
+                await self._settle_lost(backend_pid, allocated)
+            raise
         finally:
             self.positions.finish(allocated)
         # No await between finish() and handing the rows to the publisher:
@@ -187,6 +206,10 @@ class Lane:
     ) -> tuple[BatchPlan, dict[str, int], list[int]]:
         assert self.connection is not None
         cur = self.connection.cursor()
+        assert self.liveness.epoch is not None
+        # Both fences come before any ordering is drawn (see liveness and
+        # storage.shard_map for why that order matters).
+        await fence_check_txn(cur, self.settings.instance, self.liveness.epoch)
         if await fence_txn(cur) != self.owners.epoch:
             raise EpochChanged()
         view = await events_txn.load_view_txn(cur, *_batch_ids(batch))
@@ -214,6 +237,19 @@ class Lane:
         rooms = {request.link.room_id for request in batch}
         extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
         return plan, assigned, extremities
+
+    async def _settle_lost(self, backend_pid: int, allocated: list[int]) -> None:
+        """A lost COMMIT may still land: wait for it, and publish what did land,
+        so the position never passes rows that readers were not given."""
+        try:
+            rows = await self.settle(backend_pid, allocated)
+        except psycopg.Error as exc:
+            logger.error("cannot settle lost transaction of backend %d: %s", backend_pid, exc)
+            return
+        if rows:
+            logger.warning("a COMMIT whose answer was lost did land: %d events", len(rows))
+        self.positions.finish(allocated)
+        await self.on_commit(CommittedBatch(rows, len(rows), 0.0, [], {}))
 
     def _acknowledge(
         self, batch: list[PendingRequest], plan: BatchPlan, assigned: dict[str, int]

@@ -1,27 +1,34 @@
 """The persister service: owns its lanes, its stream position and its publisher.
 
 The HTTP layer calls `persist`; everything between a validated request and
-its acknowledgement happens behind this one object.
+its acknowledgement happens behind this one object. Background tasks keep
+the instance's liveness lock, announce for dead peers, follow the peers'
+positions and the shard map; if one of them dies, `failed` says why and the
+process exits rather than running half-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable
 
 import psycopg
 
 from persister.dag import LinkRequest
 from persister.errors import NotMyShard, StoreUnavailable, Unavailable
+from persister.liveness import Liveness, announce_for_dead_writers, settle_lost_connection
 from persister.metrics import Metrics
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
+from persister.replication.peers import follow_peers
+from persister.replication.publisher import Publisher
 from persister.status import InstanceStatusBody
 from persister.storage import streams
+from persister.storage.shard_map import stored_room_ids
 from persister.wire import EventResult
 from persister.writer.lane import CommittedBatch, Lane, LaneSettings
 from persister.writer.ownership import LiveShardMap
@@ -29,52 +36,48 @@ from persister.writer.queue import Budget, PendingRequest
 
 logger = logging.getLogger(__name__)
 
+DEAD_WRITER_CHECK_S = 0.5
+LIVENESS_CHECK_S = 1.0
 
-class Announcer(Protocol):
-    """Where committed rows and positions go (Redis in production)."""
-
-    async def publish_batch(self, rows: Sequence[EventRow], position: int) -> None: ...
-
-    async def publish_position(self, position: int) -> None: ...
-
-    async def start(self) -> None: ...
-
-    def start_heartbeat(
-        self, get_position: Callable[[], Awaitable[int]], interval_s: float = 1.0
-    ) -> None: ...
-
-    async def close(self, flush_timeout_s: float = 1.0) -> None: ...
+Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 class Writer:
     def __init__(
         self,
-        instance: str,
         settings: LaneSettings,
         lanes: int,
         budget: Budget,
         owners: LiveShardMap,
-        announcer: Announcer | None,
+        publisher: Publisher,
+        redis: tuple[str, str],
     ) -> None:
-        self.instance = instance
+        self.instance = settings.instance
         self.settings = settings
         self.budget = budget
         self.owners = owners
-        self.announcer = announcer
-        self.positions = WriterPositions(instance, 0)
-        self.metrics = Metrics(instance)
+        self.publisher = publisher
+        self.redis_url, self.channel = redis
+        self.positions = WriterPositions(self.instance, 0)
+        self.liveness = Liveness(settings.database_url, self.instance)
+        self.metrics = Metrics(self.instance)
         self.events_persisted = 0
         self.lanes = [
-            Lane(settings, self.positions, budget, owners, self._committed) for _ in range(lanes)
-        ]
+            Lane(settings, self.positions, budget, owners, self._committed, self._settle,
+                 self.liveness)
+            for _ in range(lanes)
+        ]  # fmt: skip
         self.accepting = False
+        self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
-        # Reads the shared sequence for heartbeats, apart from the lanes so
-        # that a long batch never delays an idle announcement.
-        self._control: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        # One autocommit connection per background job, apart from the lanes
+        # so a long batch never delays them, and apart from each other because
+        # some of them open transactions that must not interleave.
+        self._connections: dict[str, Connection] = {}
 
     async def start(self) -> None:
         try:
+            await self.liveness.acquire()
             async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
                 start = await streams.recover_position(conn, self.instance)
             await self.owners.start()
@@ -85,13 +88,31 @@ class Writer:
         self.positions = WriterPositions(self.instance, start)
         for lane in self.lanes:
             lane.positions = self.positions
-        self._tasks = [asyncio.create_task(lane.run()) for lane in self.lanes]
-        if self.announcer is not None:
-            await self.announcer.start()
-            await self.announcer.publish_position(start)
-            self.announcer.start_heartbeat(self._sequence_position)
+        await self.publisher.start()
+        await self.publisher.publish_position(start)
+        self.publisher.start_heartbeat(self._heartbeat)
+        self._spawn([lane.run() for lane in self.lanes])
+        self._spawn([
+            self._every(LIVENESS_CHECK_S, self.liveness.check),
+            self._every(DEAD_WRITER_CHECK_S, self._announce_for_dead_writers),
+            follow_peers(self.redis_url, self.channel, self.instance, self._peer_announced),
+        ])  # fmt: skip
         self.accepting = True
         logger.info("writer %s started at position %d", self.instance, start)
+
+    def _spawn(self, coroutines: list[Awaitable[None]]) -> None:
+        for coroutine in coroutines:
+            task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+            task.add_done_callback(self._task_ended)
+            self._tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.failed.done():
+            return
+        error = task.exception() or RuntimeError("a writer task ended")
+        logger.error("writer %s stops: %s", self.instance, error)
+        self.accepting = False
+        self.failed.set_result(error)
 
     @property
     def ready(self) -> bool:
@@ -103,8 +124,10 @@ class Writer:
     async def persist(self, link: LinkRequest, size_bytes: int) -> list[EventResult]:
         """Queue a request and wait for its COMMIT; the answer is durable."""
         if not self.accepting:
-            raise Unavailable("persister is shutting down", retry_after_s=1.0)
+            raise Unavailable("persister is not accepting writes", retry_after_s=1.0)
         lane = self.lanes[zlib.crc32(link.room_id.encode("utf-8")) % len(self.lanes)]
+        if not lane.ready:
+            raise StoreUnavailable("database connection lost; retry later")
         self.budget.reserve(len(link.events), size_bytes)
         done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
         lane.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
@@ -127,37 +150,6 @@ class Writer:
         if owner != self.instance:
             raise NotMyShard(room_id, owner, self.instance)
 
-    async def _sequence_position(self) -> int:
-        """The position an idle writer may announce: what the sequence handed out."""
-        try:
-            if self._control is None or self._control.closed:
-                self._control = await psycopg.AsyncConnection.connect(
-                    self.settings.database_url, autocommit=True
-                )
-            self.positions.observe(await streams.read_sequence_position(self._control))
-        except psycopg.Error as exc:
-            logger.warning("heartbeat cannot read the stream sequence: %s", exc)
-            self._control = None
-        return self.positions.position()
-
-    async def status(self) -> InstanceStatusBody:
-        async with await psycopg.AsyncConnection.connect(self.settings.database_url) as conn:
-            sequence = await streams.read_sequence_position(conn)
-            rooms = await conn.execute("SELECT room_id FROM rooms")
-            owned = sum(
-                1
-                for (room_id,) in await rooms.fetchall()
-                if self.owners.owner(room_id) == self.instance
-            )
-        return InstanceStatusBody(
-            instance=self.instance,
-            position=self.positions.position(),
-            queued_events=self.budget.events,
-            rooms_owned=owned,
-            events_persisted=self.events_persisted,
-            sequence=sequence,
-        )
-
     async def _committed(self, batch: CommittedBatch) -> None:
         self.events_persisted += batch.event_count
         position = self.positions.position()
@@ -166,28 +158,99 @@ class Writer:
         )
         self.metrics.set_queue_depth(self.budget.events)
         self.metrics.set_position(position)
-        if self.announcer is not None:
-            await self.announcer.publish_batch(batch.events, position)
+        await self.publisher.publish_batch(batch.events, position)
+
+    async def _settle(self, backend_pid: int, orderings: list[int]) -> list[EventRow]:
+        async with await psycopg.AsyncConnection.connect(
+            self.settings.database_url, autocommit=True
+        ) as conn:
+            await settle_lost_connection(conn, backend_pid)
+            return await streams.rows_at(conn, orderings)
+
+    async def _heartbeat(self) -> int:
+        """An idle writer follows the sequence, so it never holds readers back."""
+        try:
+            conn = await self._connection("heartbeat")
+            return await streams.heartbeat_position(conn, self.positions, self.instance)
+        except psycopg.Error as exc:
+            logger.warning("heartbeat cannot read the stream sequence: %s", exc)
+            self._connections.pop("heartbeat", None)
+            return self.positions.position()
+
+    def _peer_announced(self, position: int) -> None:
+        before = self.positions.position()
+        self.positions.observe(position)
+        if self.positions.position() > before:
+            asyncio.ensure_future(self.publisher.publish_position(self.positions.position()))
+
+    async def _announce_for_dead_writers(self) -> None:
+        writers = sorted(self.owners.current.all_writers())
+        try:
+            conn = await self._connection("dead-writers")
+            await announce_for_dead_writers(
+                conn, self.publisher, writers, self_instance=self.instance
+            )
+        except psycopg.Error as exc:
+            logger.warning("cannot check for dead writers: %s", exc)
+            self._connections.pop("dead-writers", None)
+
+    async def _connection(self, purpose: str) -> Connection:
+        conn = self._connections.get(purpose)
+        if conn is None or conn.closed:
+            conn = await psycopg.AsyncConnection.connect(
+                self.settings.database_url,
+                autocommit=True,
+                application_name=f"persister:{self.instance}:{purpose}",
+            )
+            self._connections[purpose] = conn
+        return conn
+
+    @staticmethod
+    async def _every(interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await action()
+            except psycopg.OperationalError as exc:
+                # The database is away; the lanes answer 503 meanwhile.
+                logger.warning("periodic %s failed: %s", action.__name__, exc)
+
+    async def status(self) -> InstanceStatusBody:
+        async with await psycopg.AsyncConnection.connect(
+            self.settings.database_url, autocommit=True
+        ) as conn:
+            sequence = await streams.read_sequence_position(conn)
+            rooms = await stored_room_ids(conn)
+        return InstanceStatusBody(
+            instance=self.instance,
+            position=self.positions.position(),
+            queued_events=self.budget.events,
+            rooms_owned=sum(1 for room in rooms if self.owners.owner(room) == self.instance),
+            events_persisted=self.events_persisted,
+            sequence=sequence,
+        )
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait until everything accepted is answered."""
         self.accepting = False
         deadline = time.monotonic() + timeout_s
         while not all(lane.idle for lane in self.lanes):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self.failed.done():
                 return False
             await asyncio.sleep(0.01)
         return True
 
     async def stop(self) -> None:
+        self.accepting = False
         await self.owners.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for lane in self.lanes:
             await lane.close()
-        if self.announcer is not None:
-            await self.announcer.publish_position(self.positions.position())
-            await self.announcer.close()
-        if self._control is not None:
-            await self._control.close()
+        await self.publisher.publish_position(self.positions.position())
+        await self.publisher.close()
+        for conn in self._connections.values():
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+        await self.liveness.close()
