@@ -106,6 +106,11 @@ class Lane:
             self.settings.database_url,
             connect_timeout=max(1, int(self.settings.connect_timeout_s)),
             application_name=f"persister:{self.settings.instance}",
+            # No server-side prepared statements: a generic plan chosen while
+            # the tables were small (a sequential scan of `events`) would be
+            # kept for the connection's life and slow every batch as the
+            # table grows, if statistics lag (autovacuum off or behind).
+            prepare_threshold=None,
         )
 
     async def close(self) -> None:
