@@ -7,8 +7,11 @@ committed and answered, publishes a last POSITION, then exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
+import ipaddress
 import logging
 import signal
+from typing import Final
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -23,6 +26,24 @@ from persister.writer.queue import Budget
 from persister.writer.service import Writer
 
 logger = logging.getLogger(__name__)
+
+# aiohttp's server settings, explicit so that a dependency upgrade cannot
+# loosen them (tests run their TestServer with the same ones):
+# - keepalive_timeout closes an idle connection, and one whose request line
+#   and headers do not arrive in full (a header slow loris), this many
+#   seconds after it opened or after its last answer. aiohttp's own default
+#   is an hour. Stalled bodies are timed out by the app (BODY_READ_TIMEOUT_S).
+# - A request line or one header over 8190 bytes, or more than 128 headers,
+#   answers 400 before any handler runs.
+# - lingering_time: how long the rest of a refused body is read and dropped
+#   before the connection is closed, so the client sees the answer.
+HTTP_SERVER_SETTINGS: Final = {
+    "keepalive_timeout": 75.0,
+    "max_line_size": 8190,
+    "max_field_size": 8190,
+    "max_headers": 128,
+    "lingering_time": 10.0,
+}
 
 
 def build_writer(config: Config, instance: str) -> Writer:
@@ -65,22 +86,27 @@ def resolve_instance(config: Config, instance: str | None) -> str:
     return name
 
 
+def tune_garbage_collector() -> None:
+    """Each event allocates a few dozen short-lived container objects (the
+    decoded PDU); with the default thresholds the cyclic collector runs every
+    few events. Objects alive after start-up are frozen out of its scans."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 async def serve(config: Config, instance: str) -> None:
     await check_redis(config.redis.url)
     writer = build_writer(config, instance)
     await writer.start()
     location = config.location(instance)
-    if location.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning(
-            "listening on %s, not loopback: keep this port off public networks", location.host
-        )
+    warn_unless_loopback(location.host)
     app = build_app(
         writer,
         config.secret(),
         config.persist.max_body_bytes,
         config.persist.max_events_per_request,
     )
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, **HTTP_SERVER_SETTINGS)
     await runner.setup()
     site = web.TCPSite(runner, location.host, location.port)
     try:
@@ -90,6 +116,7 @@ async def serve(config: Config, instance: str) -> None:
         raise PersisterError(
             f"cannot listen on {location.host}:{location.port}: {exc.strerror}"
         ) from None
+    tune_garbage_collector()
     logger.info("persister %s listening on %s:%d", instance, location.host, location.port)
     await _wait_for_termination(writer.failed)
     logger.info("persister %s draining", instance)
@@ -100,6 +127,28 @@ async def serve(config: Config, instance: str) -> None:
     await writer.stop()
     if writer.failed.done():
         raise PersisterError(f"stopped: {writer.failed.result()}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # any other host name may resolve to anything
+        return False
+
+
+def warn_unless_loopback(host: str) -> None:
+    """The persist API is plain HTTP guarded by one shared secret: say so loudly."""
+    if is_loopback(host):
+        return
+    where = "every interface" if host in ("", "0.0.0.0", "::") else host
+    logger.warning(
+        "SECURITY: listening on %s, not on loopback. The persist API is plain HTTP "
+        "whose only guard is the replication secret: keep this port on a private network "
+        "or behind TLS, never on a public one.",
+        where,
+    )
 
 
 async def _wait_for_termination(failed: asyncio.Future[BaseException]) -> None:
