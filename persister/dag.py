@@ -176,8 +176,15 @@ def _deoutlier(
     view.events[event.event_id] = StoredEvent(
         stored.room_id, False, False, stored.stream_ordering, stored.depth
     )
-    plan.deoutliered.append(event.event_id)
-    # Its edges were written when it arrived as an outlier.
+    if stored.stream_ordering == PLANNED:
+        # Planned as an outlier earlier in this batch: store it as a
+        # non-outlier in the first place (one statement cannot update a row
+        # that it inserts).
+        index = next(i for i, e in enumerate(plan.new_events) if e.event_id == event.event_id)
+        plan.new_events[index] = msgspec.structs.replace(plan.new_events[index], outlier=False)
+    else:
+        plan.deoutliered.append(event.event_id)
+    # Its edges were planned or written when it arrived as an outlier.
     _link_into_room(view, plan, event, backfilled=False)
 
 

@@ -147,3 +147,17 @@ CREATE TABLE shard_map_pins (
     instance_name TEXT NOT NULL,
     PRIMARY KEY (epoch, room_id)
 );
+
+-- From 0004_batch_fence.sql
+CREATE FUNCTION persister_fence(
+    fence_ns INT, instance TEXT, expected_epoch BIGINT, shard_map_lock BIGINT
+) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    shard_epoch BIGINT;
+BEGIN
+    PERFORM stream_writer_fence(fence_ns, instance, expected_epoch);
+    PERFORM pg_advisory_xact_lock_shared(shard_map_lock);
+    SELECT coalesce(max(epoch), 0) INTO shard_epoch FROM shard_map_epochs;
+    RETURN shard_epoch;
+END
+$$;

@@ -1,20 +1,19 @@
 """Reading and writing the room DAG tables inside one write transaction.
 
 Every function here runs inside a transaction the writer opened (`_txn`
-suffix, cursor first). Loads are pipelined so a batch costs one round trip
-to read what the DAG rules need; writes are one statement per table over
-arrays (`unnest`), whatever the batch size.
+suffix, cursor first). A batch costs three round trips whatever its size:
+fences and loads pipelined together, the orderings, and one statement that
+writes every table (arrays through `unnest`, bound in binary).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psycopg import AsyncCursor
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
-from persister.matrix.prepared import PreparedEvent
 
 Cursor = AsyncCursor[Any]
 
@@ -34,66 +33,106 @@ SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%b
 ALLOCATE_FORWARD = "SELECT nextval('events_stream_seq') FROM generate_series(1, %s)"
 ALLOCATE_BACKFILL = "SELECT -nextval('events_backfill_stream_seq') FROM generate_series(1, %s)"
 
-INSERT_EVENTS = """
-INSERT INTO events (stream_ordering, topological_ordering, event_id, room_id, type, state_key,
-                    sender, origin_server_ts, received_ts, outlier, rejection_reason,
-                    instance_name)
-SELECT o, d, e, r, t, s, snd, ts, %s, ol, rr, %s
-FROM unnest(%b::bigint[], %b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::text[], %b::bigint[], %b::bool[], %b::text[])
-     AS u(o, d, e, r, t, s, snd, ts, ol, rr)
-"""
-INSERT_EVENT_JSON = """
-INSERT INTO event_json (event_id, room_id, json, room_version)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])
-"""
-INSERT_EDGES = """
-INSERT INTO event_edges (event_id, prev_event_id, room_id)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::text[])
-ON CONFLICT DO NOTHING
-"""
-INSERT_AUTH = """
-INSERT INTO event_auth (event_id, auth_id, room_id)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::text[])
-"""
-INSERT_REJECTIONS = """
-INSERT INTO rejections (event_id, reason, last_check)
-SELECT e, r, %s FROM unnest(%b::text[], %b::text[]) AS u(e, r)
-"""
-INSERT_ROOMS = """
-INSERT INTO rooms (room_id, room_version)
-SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
-"""
-DEOUTLIER = "UPDATE events SET outlier = FALSE WHERE event_id = ANY(%b)"
-DELETE_FORWARD = """
-DELETE FROM event_forward_extremities AS f USING unnest(%b::text[], %b::text[]) AS u(r, e)
-WHERE f.room_id = u.r AND f.event_id = u.e
-"""
-INSERT_FORWARD = """
-INSERT INTO event_forward_extremities (room_id, event_id)
-SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
-"""
-DELETE_BACKWARD = """
-DELETE FROM event_backward_extremities AS b USING unnest(%b::text[], %b::text[]) AS u(r, e)
-WHERE b.room_id = u.r AND b.event_id = u.e
-"""
-INSERT_BACKWARD = """
-INSERT INTO event_backward_extremities (room_id, event_id)
-SELECT * FROM unnest(%b::text[], %b::text[]) ON CONFLICT DO NOTHING
+# Every write of a batch in one statement: one round trip and one parse,
+# whatever the batch holds (empty arrays insert nothing). Sub-statements of
+# one statement cannot see each other's rows; the plan never deletes and
+# inserts the same extremity, and de-outliers only events stored before.
+WRITE_BATCH = """
+WITH
+new_rooms AS (
+    INSERT INTO rooms (room_id, room_version)
+    SELECT * FROM unnest(%(room_ids)b::text[], %(room_versions)b::text[])
+    ON CONFLICT DO NOTHING
+),
+new_events AS (
+    INSERT INTO events (stream_ordering, topological_ordering, event_id, room_id, type,
+                        state_key, sender, origin_server_ts, received_ts, outlier,
+                        rejection_reason, instance_name)
+    SELECT o, d, e, r, t, s, snd, ts, %(now_ms)s, ol, rr, %(instance)s
+    FROM unnest(%(orderings)b::bigint[], %(depths)b::bigint[], %(event_ids)b::text[],
+                %(event_rooms)b::text[], %(types)b::text[], %(state_keys)b::text[],
+                %(senders)b::text[], %(timestamps)b::bigint[], %(outliers)b::bool[],
+                %(rejected)b::text[])
+         AS u(o, d, e, r, t, s, snd, ts, ol, rr)
+),
+new_json AS (
+    INSERT INTO event_json (event_id, room_id, json, room_version)
+    SELECT * FROM unnest(%(event_ids)b::text[], %(event_rooms)b::text[], %(json)b::text[],
+                         %(event_versions)b::text[])
+),
+new_edges AS (
+    INSERT INTO event_edges (event_id, prev_event_id, room_id)
+    SELECT * FROM unnest(%(edge_events)b::text[], %(edge_prevs)b::text[],
+                         %(edge_rooms)b::text[])
+    ON CONFLICT DO NOTHING
+),
+new_auth AS (
+    INSERT INTO event_auth (event_id, auth_id, room_id)
+    SELECT * FROM unnest(%(auth_events)b::text[], %(auth_ids)b::text[],
+                         %(auth_rooms)b::text[])
+),
+new_rejections AS (
+    INSERT INTO rejections (event_id, reason, last_check)
+    SELECT e, r, %(now_ms)s FROM unnest(%(rejection_events)b::text[],
+                                         %(rejection_reasons)b::text[]) AS u(e, r)
+),
+deoutliered AS (
+    UPDATE events SET outlier = FALSE WHERE event_id = ANY(%(deoutliered)b::text[])
+),
+gone_forward AS (
+    DELETE FROM event_forward_extremities AS f
+    USING unnest(%(forward_gone_rooms)b::text[], %(forward_gone_events)b::text[]) AS u(r, e)
+    WHERE f.room_id = u.r AND f.event_id = u.e
+),
+new_forward AS (
+    INSERT INTO event_forward_extremities (room_id, event_id)
+    SELECT * FROM unnest(%(forward_new_rooms)b::text[], %(forward_new_events)b::text[])
+    ON CONFLICT DO NOTHING
+),
+gone_backward AS (
+    DELETE FROM event_backward_extremities AS b
+    USING unnest(%(backward_gone_rooms)b::text[], %(backward_gone_events)b::text[]) AS u(r, e)
+    WHERE b.room_id = u.r AND b.event_id = u.e
+),
+new_backward AS (
+    INSERT INTO event_backward_extremities (room_id, event_id)
+    SELECT * FROM unnest(%(backward_new_rooms)b::text[], %(backward_new_events)b::text[])
+    ON CONFLICT DO NOTHING
+),
+-- In the same transaction as the events, and never backwards.
+position AS (
+    INSERT INTO stream_positions (stream_name, instance_name, stream_id)
+    SELECT 'events', %(instance)s, p FROM (VALUES (%(position)s::bigint)) AS v(p)
+    WHERE p IS NOT NULL
+    ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id
+    WHERE stream_positions.stream_id < EXCLUDED.stream_id
+)
+SELECT 1
 """
 
+# Both fences (liveness and shard map), see migrations/0004_batch_fence.sql.
+FENCE = "SELECT persister_fence(%s, %s, %s, %s)"
 
-async def load_view_txn(
-    cur: Cursor, room_ids: Sequence[str], event_ids: Sequence[str], prev_ids: Sequence[str]
-) -> StoredView:
-    """Everything `dag.link_batch` needs, read in one pipelined round trip."""
+
+async def begin_batch_txn(
+    cur: Cursor,
+    fence: tuple[int, str, int, int],
+    room_ids: Sequence[str],
+    event_ids: Sequence[str],
+    prev_ids: Sequence[str],
+) -> tuple[int, StoredView]:
+    """Pass the fences, then read everything `dag.link_batch` needs, all in
+    one pipelined round trip; returns the shard-map epoch in force and the view."""
     known_ids = list({*event_ids, *prev_ids})
     conn = cur.connection
     async with conn.pipeline():
+        c_fence = await conn.execute(FENCE, fence)
         c_events = await conn.execute(SELECT_STORED_EVENTS, (known_ids,))
         c_rooms = await conn.execute(SELECT_ROOM_VERSIONS, (list(room_ids),))
         c_forward = await conn.execute(SELECT_FORWARD_EXTREMITIES, (list(room_ids),))
         c_backward = await conn.execute(SELECT_BACKWARD_EXTREMITIES, (known_ids,))
+    fence_row = await c_fence.fetchone()
+    assert fence_row is not None
     events = {
         row[0]: StoredEvent(row[1], row[2], row[3], row[4], row[5])
         for row in await c_events.fetchall()
@@ -102,7 +141,7 @@ async def load_view_txn(
     for room_id, event_id in await c_forward.fetchall():
         forward.setdefault(room_id, set()).add(event_id)
     backward = {(r, e) for r, e in await c_backward.fetchall()}
-    return StoredView(
+    return fence_row[0], StoredView(
         events=events,
         room_versions=dict(await c_rooms.fetchall()),
         forward_extremities=forward,
@@ -139,73 +178,45 @@ async def write_plan_txn(
     room_versions: dict[str, str],
     instance: str,
     now_ms: int,
+    position: int | None,
 ) -> None:
-    """Write every row of a planned batch; `orderings` match `plan.new_events`."""
-    conn = cur.connection
-    async with conn.pipeline():
-        if plan.new_rooms:
-            await cur.execute(INSERT_ROOMS, _columns(plan.new_rooms.items(), 2))
-        if plan.new_events:
-            await _insert_events(cur, plan.new_events, orderings, room_versions, instance, now_ms)
-        if plan.edges:
-            await cur.execute(INSERT_EDGES, _columns(plan.edges, 3))
-        if plan.auth:
-            await cur.execute(INSERT_AUTH, _columns(plan.auth, 3))
-        if plan.rejections:
-            await cur.execute(INSERT_REJECTIONS, (now_ms, *_columns(plan.rejections, 2)))
-        if plan.deoutliered:
-            await cur.execute(DEOUTLIER, (plan.deoutliered,))
-        await _write_extremities(cur, plan)
+    """Write every row of a planned batch; `orderings` match `plan.new_events`.
+
+    `position`, when given, is this writer's stream position once the batch
+    commits, stored in the same transaction.
+    """
+    events = plan.new_events
+    params: dict[str, Any] = {
+        "instance": instance,
+        "now_ms": now_ms,
+        "position": position,
+        "orderings": list(orderings),
+        "depths": [e.depth for e in events],
+        "event_ids": [e.event_id for e in events],
+        "event_rooms": [e.room_id for e in events],
+        "types": [e.type for e in events],
+        "state_keys": [e.state_key for e in events],
+        "senders": [e.sender for e in events],
+        "timestamps": [e.origin_server_ts for e in events],
+        "outliers": [e.outlier for e in events],
+        "rejected": [e.rejected_reason for e in events],
+        "json": [e.json for e in events],
+        "event_versions": [room_versions[e.room_id] for e in events],
+        "deoutliered": plan.deoutliered,
+    }
+    _add_columns(params, ("room_ids", "room_versions"), plan.new_rooms.items())
+    _add_columns(params, ("edge_events", "edge_prevs", "edge_rooms"), plan.edges)
+    _add_columns(params, ("auth_events", "auth_ids", "auth_rooms"), plan.auth)
+    _add_columns(params, ("rejection_events", "rejection_reasons"), plan.rejections)
+    _add_columns(params, ("forward_gone_rooms", "forward_gone_events"), plan.forward_removed)
+    _add_columns(params, ("forward_new_rooms", "forward_new_events"), plan.forward_added)
+    _add_columns(params, ("backward_gone_rooms", "backward_gone_events"), plan.backward_removed)
+    _add_columns(params, ("backward_new_rooms", "backward_new_events"), plan.backward_added)
+    await cur.execute(WRITE_BATCH, params)
 
 
-async def _insert_events(
-    cur: Cursor,
-    events: Sequence[PreparedEvent],
-    orderings: Sequence[int],
-    room_versions: dict[str, str],
-    instance: str,
-    now_ms: int,
-) -> None:
-    await cur.execute(
-        INSERT_EVENTS,
-        (
-            now_ms,
-            instance,
-            list(orderings),
-            [e.depth for e in events],
-            [e.event_id for e in events],
-            [e.room_id for e in events],
-            [e.type for e in events],
-            [e.state_key for e in events],
-            [e.sender for e in events],
-            [e.origin_server_ts for e in events],
-            [e.outlier for e in events],
-            [e.rejected_reason for e in events],
-        ),
-    )
-    await cur.execute(
-        INSERT_EVENT_JSON,
-        (
-            [e.event_id for e in events],
-            [e.room_id for e in events],
-            [e.json for e in events],
-            [room_versions[e.room_id] for e in events],
-        ),
-    )
-
-
-async def _write_extremities(cur: Cursor, plan: BatchPlan) -> None:
-    if plan.forward_removed:
-        await cur.execute(DELETE_FORWARD, _columns(plan.forward_removed, 2))
-    if plan.forward_added:
-        await cur.execute(INSERT_FORWARD, _columns(plan.forward_added, 2))
-    if plan.backward_removed:
-        await cur.execute(DELETE_BACKWARD, _columns(plan.backward_removed, 2))
-    if plan.backward_added:
-        await cur.execute(INSERT_BACKWARD, _columns(plan.backward_added, 2))
-
-
-def _columns(rows: Any, width: int) -> tuple[list[Any], ...]:
+def _add_columns(params: dict[str, Any], names: tuple[str, ...], rows: Iterable[Any]) -> None:
     """Rows of tuples to one list per column, the shape `unnest` takes."""
-    columns = tuple(list(column) for column in zip(*rows, strict=True))
-    return columns if columns else tuple([] for _ in range(width))
+    columns = list(zip(*rows, strict=True))
+    for index, name in enumerate(names):
+        params[name] = list(columns[index]) if columns else []

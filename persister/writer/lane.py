@@ -9,6 +9,8 @@ of the batch only after COMMIT.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -26,22 +28,33 @@ from persister.errors import (
     PersisterError,
     StoreUnavailable,
 )
-from persister.liveness import FencedOut, Liveness, fence_check_txn
+from persister.liveness import FENCE_NS, FENCED_OUT, BackendStillRunning, FencedOut, Liveness
 from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
 from persister.storage import events_txn
-from persister.storage.shard_map import fence_txn
-from persister.storage.streams import upsert_stream_position_txn
+from persister.storage.shard_map import SHARD_MAP_LOCK
 from persister.wire import EventResult
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
 
 logger = logging.getLogger(__name__)
 
+# A lane that lost its connection tries again after these delays (doubling).
+RECONNECT_INITIAL_S = 0.1
+RECONNECT_MAX_S = 2.0
+# An idle lane checks its connection this often, giving it this long to answer.
+IDLE_CHECK_S = 1.0
+IDLE_CHECK_TIMEOUT_S = 2.0
+
 
 class EpochChanged(Exception):
     """The shard map this lane routed by is no longer in force."""
+
+
+class SettleFailed(Exception):
+    """The outcome of a lost COMMIT cannot be learnt: the lane must stop
+    (not a PersisterError, so that no request handler swallows it)."""
 
 
 @dataclass(slots=True)
@@ -92,6 +105,8 @@ class Lane:
         self.queue = LaneQueue()
         self.connection: AsyncConnection[tuple[object, ...]] | None = None
         self.busy = False
+        self._connect_lock = asyncio.Lock()
+        self._reconnecting: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -114,13 +129,19 @@ class Lane:
         )
 
     async def close(self) -> None:
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
         if self.connection is not None:
             await self.connection.close()
 
     async def run(self) -> None:
         """The batch loop; runs until cancelled."""
         while True:
-            await self.queue.wait()
+            if not await self._wait_for_work(IDLE_CHECK_S):
+                await self._check_idle_connection()
+                continue
             batch = self.queue.take(self.settings.max_batch_events)
             if not batch:
                 continue
@@ -131,6 +152,28 @@ class Lane:
                 self.busy = False
                 for request in batch:
                     self.budget.release(request.event_count, request.size_bytes)
+
+    async def _wait_for_work(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self.queue.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _check_idle_connection(self) -> None:
+        """A dead connection shows only when it is used. An idle lane uses
+        it now and then, so that `ready` (hence /health) turns false while
+        the database is away even with nothing to write, and the lane is
+        reconnected before the next request rather than failing it."""
+        if self.connection is None or self.connection.closed:
+            return
+        try:
+            async with asyncio.timeout(IDLE_CHECK_TIMEOUT_S):
+                await self.connection.execute("SELECT 1")
+                await self.connection.rollback()  # end the transaction it began
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            logger.warning("idle database connection is unusable: %s", exc or "no answer")
+            await self._drop_connection()
 
     async def _persist_isolating_failures(self, batch: list[PendingRequest]) -> None:
         try:
@@ -156,9 +199,20 @@ class Lane:
             for request in batch:
                 await self._persist_isolating_failures([request])
 
+    def _owns_rooms_of(self, batch: list[PendingRequest]) -> bool:
+        instance = self.settings.instance
+        return all(self.owners.owner(request.link.room_id) == instance for request in batch)
+
     async def _reroute(self, batch: list[PendingRequest]) -> None:
         """A new shard map took force: moved rooms get 421, the rest go on."""
-        await self.owners.refresh()
+        try:
+            await self.owners.refresh()
+        except psycopg.Error as exc:
+            # Raised here, inside the EpochChanged handler, it would end the
+            # lane's task and with it the whole writer.
+            logger.warning("cannot reload the shard map to reroute a batch: %s", exc)
+            _fail_all(batch, StoreUnavailable("cannot read the shard map; retry later"))
+            return
         kept = []
         for request in batch:
             owner = self.owners.owner(request.link.room_id)
@@ -172,17 +226,37 @@ class Lane:
             await self._persist_isolating_failures(kept)
 
     async def _ensure_connected(self) -> None:
-        if self.ready:
-            return
-        try:
-            await self.connect()
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from None
+        async with self._connect_lock:
+            if self.ready:
+                return
+            try:
+                await self.connect()
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"database unavailable: {exc}") from None
 
     async def _drop_connection(self) -> None:
         if self.connection is not None:
             await self.connection.close()
         self.connection = None
+        # The writer answers 503 at once for a lane that is not ready, so no
+        # batch would come to reconnect it: it reconnects by itself.
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.create_task(
+                self._reconnect(), name=f"reconnect:{self.settings.instance}"
+            )
+
+    async def _reconnect(self) -> None:
+        """Until the lane has a connection again, with capped backoff."""
+        delay = RECONNECT_INITIAL_S
+        while not self.ready:
+            try:
+                await self._ensure_connected()
+            except StoreUnavailable as exc:
+                logger.warning("lane cannot reconnect yet (next try in %.1fs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            else:
+                logger.info("lane reconnected to the database")
 
     async def _persist(self, batch: list[PendingRequest]) -> None:
         assert self.connection is not None
@@ -196,10 +270,15 @@ class Lane:
                 plan, assigned, extremities = await self._write_batch(batch, allocated)
         except psycopg.OperationalError:
             if allocated:
+                # The COMMIT may still land: answer now (a retry is safe),
+                # and finish the orderings only once their fate is known.
+                _fail_all(batch, StoreUnavailable("database connection lost; retry later"))
                 await self._settle_lost(backend_pid, allocated)
             raise
-        finally:
-            self.positions.finish(allocated)
+        except BaseException:
+            self.positions.finish(allocated)  # rolled back: they can never commit
+            raise
+        self.positions.finish(allocated)
         # No await between finish() and handing the rows to the publisher:
         # a heartbeat must not announce a position covering rows it lacks.
         elapsed = time.perf_counter() - started
@@ -212,12 +291,20 @@ class Lane:
         assert self.connection is not None
         cur = self.connection.cursor()
         assert self.liveness.epoch is not None
-        # Both fences come before any ordering is drawn (see liveness and
-        # storage.shard_map for why that order matters).
-        await fence_check_txn(cur, self.settings.instance, self.liveness.epoch)
-        if await fence_txn(cur) != self.owners.epoch:
+        # Both fences come before any ordering is drawn (see persister.liveness
+        # and persister.storage.shard_map for why that order matters).
+        fence = (FENCE_NS, self.settings.instance, self.liveness.epoch, SHARD_MAP_LOCK)
+        try:
+            epoch, view = await events_txn.begin_batch_txn(cur, fence, *_batch_ids(batch))
+        except psycopg.Error as exc:
+            if exc.sqlstate == FENCED_OUT:
+                raise FencedOut(f"instance {self.settings.instance} was taken over") from exc
+            raise
+        # Each request was checked against the map when it arrived; a poll or
+        # another request's 421 may have moved the map on since, so the rooms
+        # are checked again under the epoch this transaction has fenced.
+        if epoch != self.owners.epoch or not self._owns_rooms_of(batch):
             raise EpochChanged()
-        view = await events_txn.load_view_txn(cur, *_batch_ids(batch))
         plan = link_batch(view, [request.link for request in batch])
         forward_count = plan.new_backfilled.count(False)
         token = self.positions.begin_fetch()
@@ -231,13 +318,10 @@ class Lane:
         self.positions.end_fetch(token, forward)
         allocated.extend(forward)
         orderings = _interleave(plan.new_backfilled, forward, backfill)
+        position = self.positions.position_if_finished(forward) if forward else None
         await events_txn.write_plan_txn(
-            cur, plan, orderings, view.room_versions, self.settings.instance, _now_ms()
+            cur, plan, orderings, view.room_versions, self.settings.instance, _now_ms(), position
         )
-        if forward:
-            await upsert_stream_position_txn(
-                cur, "events", self.settings.instance, self.positions.position_if_finished(forward)
-            )
         assigned = {e.event_id: o for e, o in zip(plan.new_events, orderings, strict=True)}
         rooms = {request.link.room_id for request in batch}
         extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
@@ -245,12 +329,30 @@ class Lane:
 
     async def _settle_lost(self, backend_pid: int, allocated: list[int]) -> None:
         """A lost COMMIT may still land: wait for it, and publish what did land,
-        so the position never passes rows that readers were not given."""
-        try:
-            rows = await self.settle(backend_pid, allocated)
-        except psycopg.Error as exc:
-            logger.error("cannot settle lost transaction of backend %d: %s", backend_pid, exc)
-            return
+        so the position never passes rows that readers were not given.
+
+        Until the database answers, the outcome is unknown, so the orderings
+        stay unfinished and the position waits (as the promise requires);
+        this retries with capped backoff meanwhile. An error that retrying
+        cannot cure ends the lane, and with it the process: a restart takes
+        the instance over, ending the lost backend first.
+        """
+        delay = RECONNECT_INITIAL_S
+        while True:
+            try:
+                rows = await self.settle(backend_pid, allocated)
+                break
+            except (psycopg.OperationalError, BackendStillRunning) as exc:
+                logger.warning(
+                    "cannot settle lost transaction of backend %d yet (next try in %.1fs): %s",
+                    backend_pid, delay, exc,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            except psycopg.Error as exc:
+                raise SettleFailed(
+                    f"cannot settle lost transaction of backend {backend_pid}: {exc}"
+                ) from exc
         if rows:
             logger.warning("a COMMIT whose answer was lost did land: %d events", len(rows))
         self.positions.finish(allocated)

@@ -10,7 +10,6 @@ process exits rather than running half-alive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import zlib
@@ -74,6 +73,7 @@ class Writer:
         # so a long batch never delays them, and apart from each other because
         # some of them open transactions that must not interleave.
         self._connections: dict[str, Connection] = {}
+        self._catch_up_lock = asyncio.Lock()
 
     async def start(self) -> None:
         try:
@@ -121,13 +121,24 @@ class Writer:
     def queued_events(self) -> int:
         return self.budget.events
 
-    async def persist(self, link: LinkRequest, size_bytes: int) -> list[EventResult]:
-        """Queue a request and wait for its COMMIT; the answer is durable."""
+    def admit(self, room_id: str, size_bytes: int | None) -> None:
+        """Refuse at once, before its body is read and decoded, a request that
+        `persist` would refuse: not accepting, its lane without a database
+        connection, or (most likely) no room in the queues for it."""
+        self._lane_for(room_id)
+        self.budget.check_room(size_bytes)
+
+    def _lane_for(self, room_id: str) -> Lane:
         if not self.accepting:
             raise Unavailable("persister is not accepting writes", retry_after_s=1.0)
-        lane = self.lanes[zlib.crc32(link.room_id.encode("utf-8")) % len(self.lanes)]
+        lane = self.lanes[zlib.crc32(room_id.encode("utf-8")) % len(self.lanes)]
         if not lane.ready:
             raise StoreUnavailable("database connection lost; retry later")
+        return lane
+
+    async def persist(self, link: LinkRequest, size_bytes: int) -> list[EventResult]:
+        """Queue a request and wait for its COMMIT; the answer is durable."""
+        lane = self._lane_for(link.room_id)
         self.budget.reserve(len(link.events), size_bytes)
         done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
         lane.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
@@ -162,10 +173,29 @@ class Writer:
 
     async def _settle(self, backend_pid: int, orderings: list[int]) -> list[EventRow]:
         async with await psycopg.AsyncConnection.connect(
-            self.settings.database_url, autocommit=True
+            self.settings.database_url,
+            autocommit=True,
+            connect_timeout=max(1, int(self.settings.connect_timeout_s)),
         ) as conn:
             await settle_lost_connection(conn, backend_pid)
             return await streams.rows_at(conn, orderings)
+
+    async def stream_rows(
+        self, from_exclusive: int, to_inclusive: int, limit: int
+    ) -> tuple[list[EventRow], bool]:
+        """The catch-up API's read (`persister.replication.catchup`).
+
+        One connection of its own, apart from the lanes: readers catching up
+        never take a write connection, and concurrent calls queue on it
+        rather than opening a connection each.
+        """
+        async with self._catch_up_lock:
+            try:
+                conn = await self._connection("catch-up")
+                return await streams.rows_between(conn, from_exclusive, to_inclusive, limit)
+            except psycopg.OperationalError as exc:
+                self._connections.pop("catch-up", None)
+                raise StoreUnavailable(f"cannot read the events stream: {exc}") from None
 
     async def _heartbeat(self) -> int:
         """An idle writer follows the sequence, so it never holds readers back."""
@@ -184,7 +214,8 @@ class Writer:
             asyncio.ensure_future(self.publisher.publish_position(self.positions.position()))
 
     async def _announce_for_dead_writers(self) -> None:
-        writers = sorted(self.owners.current.all_writers())
+        # Removed writers too, until they have announced the new epoch's start.
+        writers = sorted(self.owners.watched_writers())
         try:
             conn = await self._connection("dead-writers")
             await announce_for_dead_writers(
@@ -240,17 +271,28 @@ class Writer:
             await asyncio.sleep(0.01)
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Release everything; each step is bounded so a stuck one cannot hang shutdown."""
         self.accepting = False
-        await self.owners.stop()
+        await _bounded(self.owners.stop(), timeout_s, "shard map poller")
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _bounded(
+            asyncio.gather(*self._tasks, return_exceptions=True), timeout_s, "writer tasks"
+        )
         for lane in self.lanes:
-            await lane.close()
+            await _bounded(lane.close(), timeout_s, "lane connection")
         await self.publisher.publish_position(self.positions.position())
-        await self.publisher.close()
+        await _bounded(self.publisher.close(), timeout_s, "publisher")
         for conn in self._connections.values():
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
-        await self.liveness.close()
+            await _bounded(conn.close(), timeout_s, "background connection")
+        await _bounded(self.liveness.close(), timeout_s, "liveness connection")
+
+
+async def _bounded(step: Awaitable[object], timeout_s: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        logger.error("shutdown: %s did not finish within %.0f s", what, timeout_s)
+    except (psycopg.Error, OSError) as exc:
+        logger.warning("shutdown: closing %s failed: %s", what, exc)

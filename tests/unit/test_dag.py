@@ -221,3 +221,19 @@ def test_auth_events_become_auth_edges_even_for_rejected_events() -> None:
     v = view()
     plan = link(v, event("$r", rejected="bad", auth=("$c", "$m")))
     assert plan.auth == [("$r", "$c", ROOM), ("$r", "$m", ROOM)]
+
+
+def test_an_event_sent_as_outlier_then_as_timeline_event_in_one_batch_is_stored_as_timeline() -> (
+    None
+):
+    v = view()
+    plan = link_batch(
+        v,
+        [
+            LinkRequest(ROOM, "10", False, [event("$a", outlier=True)]),
+            LinkRequest(ROOM, "10", False, [event("$a")]),
+        ],
+    )
+    assert [(e.event_id, e.outlier) for e in plan.new_events] == [("$a", False)]
+    assert plan.deoutliered == []
+    assert forward_after(v) == {"$a"}
