@@ -11,7 +11,7 @@ import gc
 import ipaddress
 import logging
 import signal
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -20,6 +20,7 @@ from persister.config import Config, ConfigError
 from persister.errors import PersisterError
 from persister.http.app import build_app
 from persister.replication.publisher import Publisher, redis_client
+from persister.storage.keepalive import with_partition_detection
 from persister.writer.lane import LaneSettings
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 #   answers 400 before any handler runs.
 # - lingering_time: how long the rest of a refused body is read and dropped
 #   before the connection is closed, so the client sees the answer.
-HTTP_SERVER_SETTINGS: Final = {
+HTTP_SERVER_SETTINGS: Final[dict[str, Any]] = {
     "keepalive_timeout": 75.0,
     "max_line_size": 8190,
     "max_field_size": 8190,
@@ -48,14 +49,16 @@ HTTP_SERVER_SETTINGS: Final = {
 
 def build_writer(config: Config, instance: str) -> Writer:
     limits = config.persist
+    # Every connection of the writer, so a partition cannot hold its locks for hours.
+    database_url = with_partition_detection(config.database.url)
     settings = LaneSettings(
         instance=instance,
-        database_url=config.database.url,
+        database_url=database_url,
         max_batch_events=limits.max_batch_events,
         connect_timeout_s=config.database.connect_timeout_s,
     )
     budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
-    owners = LiveShardMap(config.database.url, tuple(config.stream_writers.events), config.sharding)
+    owners = LiveShardMap(database_url, tuple(config.stream_writers.events), config.sharding)
     publisher = Publisher(config.redis.url, config.redis.channel, instance)
     return Writer(
         settings,
