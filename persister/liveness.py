@@ -155,6 +155,8 @@ RAISE_EPOCH: Final = """
 
 SELECT_EPOCH: Final = "SELECT epoch FROM stream_writer_ids WHERE instance_name = %s"
 
+SELECT_BACKEND_EXISTS: Final = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s)"
+
 
 class InstanceAlreadyRunning(PersisterError):
     """Another live process holds this instance's liveness lock."""
@@ -162,6 +164,10 @@ class InstanceAlreadyRunning(PersisterError):
 
 class FencedOut(PersisterError):
     """A newer process took over this instance; this one must stop writing."""
+
+
+class BackendStillRunning(PersisterError):
+    """A lost connection's backend has not ended yet: its COMMIT may still land."""
 
 
 async def fence_check_txn(cur: AsyncCursor[Any], instance: str, epoch: int) -> None:
@@ -243,8 +249,15 @@ async def settle_lost_connection(
     The server may still be committing when the client sees the error; the
     orderings of that transaction may be marked finished only once its
     outcome is final. Terminating waits for a commit in progress to end.
+    `pg_terminate_backend` answers false both for "no such backend" and for
+    "still there after the timeout", so the backend's absence is checked
+    afterwards: `BackendStillRunning` means not settled yet, ask again.
     """
     await conn.execute("SELECT pg_terminate_backend(%s, %s)", (backend_pid, int(timeout_s * 1000)))
+    cur = await conn.execute(SELECT_BACKEND_EXISTS, (backend_pid,))
+    row = await cur.fetchone()
+    if row and row[0]:
+        raise BackendStillRunning(f"backend {backend_pid} did not end within {timeout_s} s")
 
 
 class Liveness:

@@ -6,25 +6,32 @@ that knows status codes; anything else is a bug and answers 500.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+import psycopg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from persister.config import ConfigError
 from persister.dag import LinkRequest
 from persister.errors import (
     BadRequest,
     BodyTooLarge,
     NotMyShard,
     PersisterError,
+    StoreUnavailable,
     Unauthorized,
     Unavailable,
 )
+from persister.http.openapi import OPENAPI_PATH, openapi_json
 from persister.matrix.pdu import prepare_events
+from persister.replication import catchup
+from persister.replication.shardmap import SHARD_MAP_PATH
 from persister.status import STATUS_PATH
 from persister.wire import ErrorBody, PersistResponse, Position, encoder, request_decoder
 from persister.writer.service import Writer
@@ -35,8 +42,27 @@ WRITER = web.AppKey("writer", Writer)
 SECRET = web.AppKey("secret", bytes)
 MAX_BODY = web.AppKey("max_body", int)
 MAX_EVENTS = web.AppKey("max_events", int)
+BODY_TIMEOUT = web.AppKey("body_timeout_s", float)
+OPENAPI = web.AppKey("openapi", bytes)
+
+# aiohttp never times out a request body that stops arriving (a client that
+# claims more Content-Length than it sends, a slow loris), so we do: from the
+# end of the headers to the last byte of the body.
+BODY_READ_TIMEOUT_S = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BodyTimeout(PersisterError):
+    """The request body did not arrive in time; the connection is closed."""
+
+    status = 408
+    errcode = "M_REQUEST_TIMEOUT"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    errcode = "M_NOT_JSON"
 
 
 def json_response(
@@ -64,9 +90,35 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(error)
     except web.HTTPRequestEntityTooLarge:
         response = error_response(BodyTooLarge("request body is over the configured limit"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _routing_error(request, exc)
+    if response.status == BodyTimeout.status:
+        await _answer_and_hang_up(request, response)
     if request.match_info.route.name == "persist":
         request.app[WRITER].metrics.request_finished(response.status, time.perf_counter() - started)
     return response
+
+
+async def _answer_and_hang_up(request: web.Request, response: web.StreamResponse) -> None:
+    # The rest of the body is not coming: send the answer and drop the
+    # connection, rather than let aiohttp linger for it (lingering_time).
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _routing_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own 404/405 (no such path or method), as JSON like every other answer."""
+    errcode = "M_UNRECOGNIZED" if exc.status in (404, 405) else "M_UNKNOWN"
+    message = f"{exc.reason}: {request.method} {request.path[:200]!r}"
+    allow = exc.headers.get("Allow")
+    return json_response(
+        ErrorBody(errcode, message), exc.status, None if allow is None else {"Allow": allow}
+    )
 
 
 def _check_secret(request: web.Request) -> None:
@@ -81,16 +133,48 @@ def _check_secret(request: web.Request) -> None:
         raise Unauthorized("wrong replication secret")
 
 
+def _check_content_type(request: web.Request) -> None:
+    given = request.headers.get("Content-Type")
+    if given is None:
+        raise UnsupportedMediaType("Content-Type: application/json is required")
+    charset = (request.charset or "utf-8").lower()
+    if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json (charset utf-8), not {given[:100]!r}"
+        )
+
+
 async def _read_body(request: web.Request) -> bytes:
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(
             f"request body of {request.content_length} bytes is over the limit of {limit}"
         )
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
-    return body
+    timeout_s = request.app[BODY_TIMEOUT]
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            # `content.read(n)` answers with what has arrived so far, which
+            # is not the whole body when it comes in several segments.
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"request body not received within {timeout_s:g} s ({size} bytes arrived)"
+        ) from None
+    except web.RequestPayloadError as exc:
+        # A body that cannot be de-chunked or decompressed (Content-Encoding).
+        cause = exc.__cause__ or exc
+        raise BadRequest(f"request body cannot be read: {cause}") from None
+    except ConnectionError:
+        # The client hung up mid-body. Nobody reads this answer, but without
+        # it aiohttp logs an ERROR with a traceback for every such client.
+        raise BadRequest(f"request body cut off: connection lost after {size} bytes") from None
+    return b"".join(chunks)
 
 
 def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
@@ -100,6 +184,8 @@ def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
         raise BadRequest(f"request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", errcode="M_NOT_JSON") from None
+    except UnicodeDecodeError as exc:  # invalid UTF-8 in a string outside the PDUs
+        raise BadRequest(f"request body is not UTF-8: {exc}", errcode="M_NOT_JSON") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
     if not decoded.events:
@@ -115,15 +201,39 @@ def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
 
 async def persist_events(request: web.Request) -> web.Response:
     _check_secret(request)
+    _check_content_type(request)
     writer = request.app[WRITER]
     room_id = request.match_info["room_id"]
     await writer.check_owner(room_id)
+    if (request.content_length or 0) <= request.app[MAX_BODY]:  # else 413, from _read_body
+        # Under a flood, refuse before reading and validating the body.
+        writer.admit(room_id, request.content_length)
     body = await _read_body(request)
     link = _decode_request(body, room_id, request.app[MAX_EVENTS])
     results = await writer.persist(link, len(body))
     highest = max((r.stream_ordering for r in results), default=0)
     position = Position(writer.instance, max(writer.position(), highest))
     return json_response(PersistResponse(results, position))
+
+
+async def stream_events(request: web.Request) -> web.Response:
+    """The catch-up API (`persister.replication.catchup`)."""
+    _check_secret(request)
+    query = catchup.parse_query(request.query)
+    rows, limited = await request.app[WRITER].stream_rows(
+        query.from_exclusive, query.to_inclusive, query.limit
+    )
+    return json_response(catchup.answer(query, rows, limited))
+
+
+async def shard_map(request: web.Request) -> web.Response:
+    """The map in force, freshly read: what a client asks after a 421."""
+    _check_secret(request)
+    try:
+        current = await request.app[WRITER].owners.refresh()
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot read the shard map: {exc}") from None
+    return json_response(current)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -136,21 +246,40 @@ async def status(request: web.Request) -> web.Response:
     return json_response(await request.app[WRITER].status())
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
 async def health(request: web.Request) -> web.Response:
     if request.app[WRITER].ready:
         return web.Response(text="OK")
     return web.Response(text="not ready", status=503)
 
 
-def build_app(writer: Writer, secret: str, max_body: int, max_events: int) -> web.Application:
+def build_app(
+    writer: Writer,
+    secret: str,
+    max_body: int,
+    max_events: int,
+    *,
+    body_timeout_s: float = BODY_READ_TIMEOUT_S,
+) -> web.Application:
+    if not secret.strip():
+        # `Authorization: Bearer` with no token at all would match it.
+        raise ConfigError("the replication secret is empty (check replication_secret_path)")
     # aiohttp's own limit sits above ours so that we, not it, word the 413.
     app = web.Application(middlewares=[_errors], client_max_size=max_body + 1024)
     app[WRITER] = writer
     app[SECRET] = secret.encode("utf-8")
     app[MAX_BODY] = max_body
     app[MAX_EVENTS] = max_events
+    app[BODY_TIMEOUT] = body_timeout_s
+    app[OPENAPI] = openapi_json().encode("utf-8")
     app.router.add_post("/_persist/v1/rooms/{room_id}/events", persist_events, name="persist")
+    app.router.add_get(catchup.CATCH_UP_PATH, stream_events, name="catch-up")
+    app.router.add_get(SHARD_MAP_PATH, shard_map)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get(STATUS_PATH, status)
+    app.router.add_get(OPENAPI_PATH, openapi)
     return app

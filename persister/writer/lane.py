@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -270,9 +271,13 @@ class Lane:
                 plan, assigned, extremities = await self._write_batch(batch, allocated)
         except psycopg.OperationalError:
             if allocated:
-                # The COMMIT may still land: answer now (a retry is safe),
-                # and finish the orderings only once their fate is known.
-                _fail_all(batch, StoreUnavailable("database connection lost; retry later"))
+                # The COMMIT may still land: answer now (a retry is safe), and
+                # the requests queued behind it too, for settling may take as
+                # long as the database is away; finish the orderings only
+                # once their fate is known.
+                unavailable = StoreUnavailable("database connection lost; retry later")
+                _fail_all(batch, unavailable)
+                self._refuse_queued(unavailable)
                 await self._settle_lost(backend_pid, allocated)
             raise
         except BaseException:
@@ -326,6 +331,13 @@ class Lane:
         rooms = {request.link.room_id for request in batch}
         extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
         return plan, assigned, extremities
+
+    def _refuse_queued(self, error: PersisterError) -> None:
+        """Answer every request waiting in this lane's queue with `error`."""
+        for request in self.queue.take(sys.maxsize):
+            self.budget.release(request.event_count, request.size_bytes)
+            if not request.done.done():
+                request.done.set_exception(error)
 
     async def _settle_lost(self, backend_pid: int, allocated: list[int]) -> None:
         """A lost COMMIT may still land: wait for it, and publish what did land,

@@ -23,7 +23,7 @@ from persister.liveness import Liveness, announce_for_dead_writers, settle_lost_
 from persister.metrics import Metrics
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
-from persister.replication.peers import follow_peers
+from persister.replication.peers import encode_drawn, follow_peers
 from persister.replication.publisher import Publisher
 from persister.status import InstanceStatusBody
 from persister.storage import streams
@@ -74,6 +74,7 @@ class Writer:
         # some of them open transactions that must not interleave.
         self._connections: dict[str, Connection] = {}
         self._catch_up_lock = asyncio.Lock()
+        self._hinted = 0  # the highest DRAWN sent to the peers
 
     async def start(self) -> None:
         try:
@@ -85,7 +86,9 @@ class Writer:
                 await lane.connect()
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot reach the database: {exc}") from None
-        self.positions = WriterPositions(self.instance, start)
+        self.positions = WriterPositions(
+            self.instance, start, on_advance=self.publisher.announce, on_drawn=self._drawn
+        )
         for lane in self.lanes:
             lane.positions = self.positions
         await self.publisher.start()
@@ -207,11 +210,17 @@ class Writer:
             self._connections.pop("heartbeat", None)
             return self.positions.position()
 
+    def _drawn(self, reached: int) -> None:
+        """Tell the peers at once how far the sequence went, so that the idle
+        ones announce it while this batch is still being written
+        (`persister.replication.peers`)."""
+        if reached > self._hinted and len(self.owners.watched_writers()) > 1:
+            self._hinted = reached
+            self.publisher.hint(encode_drawn(self.instance, reached))
+
     def _peer_announced(self, position: int) -> None:
-        before = self.positions.position()
+        # A rise is announced by the positions' on_advance, at once.
         self.positions.observe(position)
-        if self.positions.position() > before:
-            asyncio.ensure_future(self.publisher.publish_position(self.positions.position()))
 
     async def _announce_for_dead_writers(self) -> None:
         # Removed writers too, until they have announced the new epoch's start.
