@@ -6,6 +6,20 @@ another writer's announced position is such a value (the channel is
 trusted, as Synapse trusts its replication channel). Advancing as soon as a
 peer announces (rather than on the next one-second heartbeat) keeps the
 minimum within milliseconds of the busiest writer.
+
+Within milliseconds is still too late when it comes only after the busy
+writer's commit: a reader then waits for the busy writer's announcement to
+travel to each idle peer and for theirs to travel back. So each writer also
+says, as soon as a fetch returns, how far the sequence has gone:
+
+    {"cmd": "DRAWN", "stream": "events", "instance": "persister1", "reached": 1240}
+
+a fact about the sequence, not a promise about any writer's rows. Its peers
+observe it like a position and, if idle, announce it while the busy writer
+is still writing and committing, so that when the busy writer's own
+announcement arrives the readers' minimum moves with it. Readers ignore it
+(an unknown command; `persister.replication.messages`); it is a hint among
+writers, outside contract section 6.
 """
 
 from __future__ import annotations
@@ -14,16 +28,49 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Final
 
 import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from persister.replication.messages import EVENTS_STREAM, Position, RData, decode_command
+from persister.replication.messages import EVENTS_STREAM
 from persister.replication.publisher import redis_client
 
 logger = logging.getLogger(__name__)
 
 OnPeerPosition = Callable[[int], None]
+
+
+class Drawn(msgspec.Struct, frozen=True, tag_field="cmd", tag="DRAWN"):
+    """The shared sequence has handed out `reached` (to `instance`)."""
+
+    stream: str
+    instance: str
+    reached: int
+
+
+# What a peer needs of a POSITION or RDATA: msgspec skips the other fields
+# (an RDATA's rows) without building them.
+class _Position(msgspec.Struct, frozen=True, tag_field="cmd", tag="POSITION"):
+    stream: str
+    instance: str
+    pos: int
+
+
+class _RData(msgspec.Struct, frozen=True, tag_field="cmd", tag="RDATA"):
+    stream: str
+    instance: str
+    pos: int
+
+
+_peer_decoder: Final = msgspec.json.Decoder(_Position | _RData | Drawn)
+_encoder: Final = msgspec.json.Encoder()
+
+
+def encode_drawn(instance: str, reached: int) -> bytes:
+    return _encoder.encode(Drawn(EVENTS_STREAM, instance, reached))
 
 
 async def follow_peers(
@@ -49,26 +96,32 @@ async def _follow(redis_url: str, channel: str, instance: str, on_position: OnPe
     try:
         await pubsub.subscribe(channel)
         async for message in pubsub.listen():
-            position = _peer_position(message.get("data"), instance)
+            position = peer_position(message.get("data"), instance)
             if position is not None:
                 on_position(position)
     finally:
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            await client.aclose()
+        # Bounded: closing a half-open subscription can wait on its socket
+        # indefinitely, and this runs while the task is cancelled at shutdown.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(_close(pubsub, client), CLOSE_TIMEOUT_S)
 
 
-def _peer_position(data: object, instance: str) -> int | None:
+async def _close(pubsub: PubSub, client: Redis) -> None:
+    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+    await client.aclose()
+
+
+CLOSE_TIMEOUT_S: Final = 1.0
+
+
+def peer_position(data: object, instance: str) -> int | None:
+    """How far another writer's message says the sequence has gone, if it does."""
     if not isinstance(data, bytes | str):
         return None
     try:
-        command = decode_command(data)
+        command = _peer_decoder.decode(data)
     except msgspec.DecodeError:
+        return None  # anything else on the channel (SHARDMAP, a newer command)
+    if command.stream != EVENTS_STREAM or command.instance == instance:
         return None
-    if (
-        isinstance(command, Position | RData)
-        and command.stream == EVENTS_STREAM
-        and command.instance != instance
-    ):
-        return command.pos
-    return None
+    return command.reached if isinstance(command, Drawn) else command.pos
