@@ -17,17 +17,30 @@ Everything this module raises is a `persister.errors.PersisterError`:
     ├── ServerError                a 500, or an answer the client cannot read
     └── PersistUnavailable         the deadline passed while retrying
                                    (also a persister.errors.Unavailable)
+    ShardMapUnavailable            no persister answered a shard-map read
+                                   (a persister.errors.Unavailable)
 
 Connection errors, timeouts, 503 (after its Retry-After) and the proxy
 answers 429, 502 and 504 are retried with capped exponential backoff until
 `ClientOptions.deadline_s`; a 421 is followed to the owner it names at once.
 `status` is 0 when the last attempt got no HTTP answer at all (connection
 refused or dropped, or a timeout).
+
+Routing follows the stored shard map (contract section 7): the client
+places rooms by a `ShardMap` (epoch, writers, scheme, pins), seeded from
+the config as epoch 0. It adopts newer epochs three ways: after a 421 it
+reads the map from the persister that answered (`GET /_persist/v1/shard_map`,
+in the background, while the request follows the owner the 421 named);
+`follow_redis` applies SHARDMAP messages as they are published; and while
+following, it also reads the map every `shard_map_poll_s`, for messages
+lost to a Redis outage. Owners named by 421s are kept only until the next
+epoch is adopted: the map then says the same or newer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import math
@@ -37,19 +50,23 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 import yarl
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
-from persister import errors, sharding, wire
+from persister import errors, wire
 from persister.config import Config
+from persister.replication.publisher import redis_client
+from persister.replication.shardmap import SHARD_MAP_PATH, decode_announcement
+from persister.sharding import Scheme, ShardMap
 
 logger = logging.getLogger(__name__)
 
-Placement = Callable[[str, Sequence[str]], str]
 Sleep = Callable[[float], Awaitable[None]]
 EventLike = wire.EventEnvelope | Mapping[str, Any]
 
@@ -59,6 +76,7 @@ EventLike = wire.EventEnvelope | Mapping[str, Any]
 _RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 _error_decoder = msgspec.json.Decoder(wire.ErrorBody)
+_shard_map_decoder = msgspec.json.Decoder(ShardMap)
 
 
 class ClientError(errors.PersisterError):
@@ -104,6 +122,14 @@ class ServerError(ClientError):
     """The persister failed or answered something outside the contract."""
 
 
+class ShardMapUnavailable(errors.Unavailable):
+    """No persister answered a request for the shard map."""
+
+
+class _MapNotServed(Exception):
+    """A persister answered the shard-map read with an error status."""
+
+
 class PersistUnavailable(ClientError, errors.Unavailable):
     """No persister took the request before the deadline; the last failure is kept."""
 
@@ -136,6 +162,12 @@ class ClientOptions:
     # Rooms whose owner was learned from a 421; the oldest are forgotten
     # first, which costs one more 421 for that room, nothing else.
     max_remembered_owners: int = 100_000
+    # While following the map (`follow_redis`): read it from a persister this
+    # often too, in case a SHARDMAP message was lost.
+    shard_map_poll_s: float = 5.0
+    # One shard-map read (it is small and the persister answers from memory
+    # after one query).
+    shard_map_timeout_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -164,6 +196,7 @@ class _Failure:
 class _Redirect:
     owner: str
     failure: _Failure
+    by: str  # the instance that answered 421: its map is at least as new as the 421
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,17 +316,9 @@ def persist_url(host: str, port: int, room_id: str) -> yarl.URL:
     return yarl.URL(f"http://{netloc}:{port}{path}", encoded=True)
 
 
-def _placement_for(scheme: str) -> Placement:
-    # `persister.sharding` names each scheme's function `<scheme>_owner`;
-    # looking it up keeps the client in step with schemes added there.
-    found = getattr(sharding, f"{scheme}_owner", None)
-    if found is None:
-        logger.warning(
-            "placement scheme %s is unknown to the client; using sha256 and 421 answers",
-            scheme,
-        )
-        return sharding.sha256_owner
-    return cast(Placement, found)
+def shard_map_url(host: str, port: int) -> yarl.URL:
+    netloc = f"[{host}]" if ":" in host else host
+    return yarl.URL(f"http://{netloc}:{port}{SHARD_MAP_PATH}", encoded=True)
 
 
 class PersisterClient:
@@ -313,21 +338,25 @@ class PersisterClient:
         secret: str,
         *,
         options: ClientOptions | None = None,
-        placement: Placement = sharding.sha256_owner,
+        sharding: Scheme = "sha256",
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """`writers` and `sharding` seed the map (epoch 0) until a stored one is learned."""
         self._options = options or ClientOptions()
-        self._placement = placement
         self._rng = rng or random.Random()
         self._sleep = sleep  # tests replace it to observe the delays
         self._headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
-        self._writers: tuple[str, ...] = ()
+        self._map = ShardMap(0, (), sharding)
         self._instances: dict[str, tuple[str, int]] = {}
         self._learned: dict[str, str] = {}
         self._rooms = _RoomQueue()
         self._http: aiohttp.ClientSession | None = None
         self._closed = False
+        self._map_read: asyncio.Task[ShardMap] | None = None
+        self._adopted = asyncio.Event()  # set (and replaced) when a newer map is adopted
+        self._followers: list[asyncio.Task[None]] = []
+        self._next_map_source = 0
         self.stats = ClientStats()
         self.set_writers(writers, instance_map)
 
@@ -341,7 +370,7 @@ class PersisterClient:
             instance_map,
             config.secret(),
             options=options,
-            placement=_placement_for(config.sharding),
+            sharding=config.sharding,
         )
 
     # -- routing -------------------------------------------------------
@@ -351,33 +380,55 @@ class PersisterClient:
         writers: Sequence[str],
         instance_map: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
-        """Adopt a new writer list (a reshard); owners learned from 421s are dropped."""
+        """Replace the writer list by hand, keeping epoch, scheme and pins;
+        owners learned from 421s are dropped. A newer stored map still wins."""
         instances = dict(self._instances if instance_map is None else instance_map)
         if not writers:
             raise ValueError("the writer list must name at least one persister")
         missing = [w for w in writers if w not in instances]
         if missing:
             raise ValueError(f"writers {missing} have no address in instance_map")
-        self._writers = tuple(writers)
+        self._map = msgspec.structs.replace(self._map, writers=tuple(writers))
         self._instances = instances
         self._learned.clear()
 
+    def set_shard_map(self, shard_map: ShardMap) -> bool:
+        """Route by `shard_map` if it is newer than ours; True if adopted."""
+        if shard_map.epoch <= self._map.epoch:
+            return False
+        unknown = sorted(w for w in shard_map.all_writers() if w not in self._instances)
+        if unknown:
+            # Rooms they own raise UnknownOwner until instance_map names them.
+            logger.warning("shard map epoch %d names writers without address: %s",
+                           shard_map.epoch, ", ".join(unknown))  # fmt: skip
+        self._map = shard_map
+        self._learned.clear()  # the map now says the same as the 421s did, or newer
+        self._adopted.set()
+        self._adopted = asyncio.Event()
+        logger.info("client routes by shard map epoch %d", shard_map.epoch)
+        return True
+
     def owner_of(self, room_id: str) -> str:
         """The instance this client will send the room's next request to."""
-        return self._learned.get(room_id) or self._placement(room_id, self._writers)
+        return self._learned.get(room_id) or self._map.owner(room_id)
 
     def remember_owner(self, room_id: str, owner: str) -> None:
-        """Record an owner named by a 421 (a pin or a newer map than ours)."""
+        """Record an owner named by a 421 (a newer map than ours), until the
+        next epoch is adopted."""
         self._learned.pop(room_id, None)
-        if owner == self._placement(room_id, self._writers):
+        if owner == self._map.owner(room_id):
             return
         if len(self._learned) >= self._options.max_remembered_owners:
             del self._learned[next(iter(self._learned))]  # the oldest entry
         self._learned[room_id] = owner
 
     @property
+    def shard_map(self) -> ShardMap:
+        return self._map
+
+    @property
     def writers(self) -> tuple[str, ...]:
-        return self._writers
+        return self._map.writers
 
     @property
     def remembered_owners(self) -> int:
@@ -420,6 +471,8 @@ class PersisterClient:
         if isinstance(outcome, _Redirect):
             self.stats.redirects += 1
             self.remember_owner(call.room_id, outcome.owner)
+            # Most likely a new epoch: learn it for every room, not just this one.
+            self._read_map_soon(outcome.by)
             if outcome.owner not in call.visited:
                 return 0.0  # follow it at once
             # Instances disagree on the owner, as they may while a reshard
@@ -439,7 +492,24 @@ class PersisterClient:
             return
         self.stats.retries += 1
         logger.debug("retrying room=%s in %.3fs after %s", call.room_id, delay, call.last_failure)
-        await self._sleep(delay)
+        await self._sleep_unless_moved(call.room_id, delay)
+
+    async def _sleep_unless_moved(self, room_id: str, delay: float) -> None:
+        """Sleep `delay`, or only until a newer map gives the room another
+        owner: a room moved off a dead persister need not sit out a backoff
+        that the dead one earned."""
+        owner = self.owner_of(room_id)
+        sleeper = asyncio.ensure_future(self._sleep(delay))
+        try:
+            while not sleeper.done():  # one round per map adopted meanwhile
+                adopted = asyncio.ensure_future(self._adopted.wait())
+                await asyncio.wait({sleeper, adopted}, return_when=asyncio.FIRST_COMPLETED)
+                adopted.cancel()
+                if not sleeper.done() and self.owner_of(room_id) != owner:
+                    return
+            await sleeper  # its exception, if any
+        finally:
+            sleeper.cancel()
 
     async def _attempt(self, owner: str, room_id: str, body: bytes, budget_s: float) -> _Outcome:
         host, port = self._instances[owner]
@@ -469,7 +539,7 @@ class PersisterClient:
         body = _decode_error(payload)
         failure = _Failure(status, body.errcode, f"{owner}: {body.error}")
         if status == 421:
-            return self._redirect(room_id, body, failure)
+            return self._redirect(owner, room_id, body, failure)
         if status in _RETRYABLE_STATUSES:
             self.stats.unavailable += 1
             return _Retry(failure, parse_retry_after(headers.get("Retry-After")))
@@ -481,12 +551,127 @@ class PersisterClient:
         except msgspec.DecodeError as exc:
             raise ServerError(room_id, 200, "M_BAD_ANSWER", f"{owner}: {exc}") from None
 
-    def _redirect(self, room_id: str, body: wire.ErrorBody, failure: _Failure) -> _Redirect:
+    def _redirect(
+        self, by: str, room_id: str, body: wire.ErrorBody, failure: _Failure
+    ) -> _Redirect:
         if body.owner is None:
             raise ServerError(room_id, 421, body.errcode, f"{failure.error} (no owner named)")
         if body.owner not in self._instances:
             raise UnknownOwner(room_id, body.owner)
-        return _Redirect(body.owner, failure)
+        return _Redirect(body.owner, failure, by)
+
+    # -- following the shard map -------------------------------------------
+
+    async def refresh_shard_map(self, source: str | None = None) -> ShardMap:
+        """Read the stored map from a persister (`source` first, then the
+        others of our map in turn) and adopt it if newer; the map routed by.
+
+        Concurrent calls share one read. Raises ShardMapUnavailable when no
+        persister answers.
+        """
+        if self._map_read is None or self._map_read.done():
+            self._map_read = asyncio.create_task(self._read_map(source))
+        fetched = await asyncio.shield(self._map_read)
+        self.set_shard_map(fetched)
+        return self._map
+
+    async def follow_redis(self, redis_url: str, channel: str) -> None:
+        """Adopt every SHARDMAP announced on `channel`, and read the map every
+        `shard_map_poll_s` besides; both run until `close`."""
+        if self._closed:
+            raise RuntimeError("the PersisterClient is closed")
+        self._followers += [
+            asyncio.create_task(self._listen(redis_url, channel), name="client-shardmap-redis"),
+            asyncio.create_task(self._poll_map(), name="client-shardmap-poll"),
+        ]
+
+    def _read_map_soon(self, source: str | None) -> None:
+        """Start a background read of the map unless one is under way."""
+        if self._closed or (self._map_read is not None and not self._map_read.done()):
+            return
+        self._map_read = asyncio.create_task(self._read_map(source))
+        self._map_read.add_done_callback(self._adopt_read)
+
+    def _adopt_read(self, task: asyncio.Task[ShardMap]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.debug("reading the shard map after a 421 failed: %s", error)
+            return
+        self.set_shard_map(task.result())
+
+    async def _read_map(self, source: str | None) -> ShardMap:
+        candidates = sorted(self._map.all_writers() & self._instances.keys())
+        if source is not None and source in self._instances:
+            candidates = [source] + [c for c in candidates if c != source]
+        else:
+            # Spread polls over the pool rather than always asking the first.
+            turn = self._next_map_source % max(1, len(candidates))
+            candidates = candidates[turn:] + candidates[:turn]
+            self._next_map_source += 1
+        failures = []
+        for instance in candidates:  # each at most once
+            try:
+                return await self._read_map_from(instance)
+            except (_MapNotServed, aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+                failures.append(f"{instance}: {exc!r}")
+        raise ShardMapUnavailable("no persister answered for the shard map: " + "; ".join(failures))
+
+    async def _read_map_from(self, instance: str) -> ShardMap:
+        host, port = self._instances[instance]
+        timeout = aiohttp.ClientTimeout(total=self._options.shard_map_timeout_s)
+        async with self._session().get(
+            shard_map_url(host, port), headers=self._headers, timeout=timeout
+        ) as answer:
+            payload = await answer.read()
+            if answer.status != 200:
+                raise _MapNotServed(f"{answer.status} {_decode_error(payload).error}")
+        return _shard_map_decoder.decode(payload)
+
+    async def _poll_map(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.shard_map_poll_s)
+            try:
+                await self.refresh_shard_map()
+            except ShardMapUnavailable as exc:
+                logger.warning("cannot poll the shard map: %s", exc)
+
+    async def _listen(self, redis_url: str, channel: str) -> None:
+        """SHARDMAP messages, resubscribing after any failure; runs until cancelled."""
+        delay = 0.05
+        while True:
+            client = redis_client(redis_url, "persister-client-shardmap", reconnects=0)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(channel)
+                delay = 0.05
+                await self._pump(pubsub)
+            except (RedisError, OSError) as exc:
+                logger.warning("client: SHARDMAP subscription lost (%s); resubscribing", exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _pump(self, pubsub: PubSub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                await pubsub.ping()  # a half-open connection shows as an error here
+                continue
+            if message.get("type") == "subscribe":
+                # Announcements made while we were not subscribed are lost.
+                self._read_map_soon(None)
+            elif message.get("type") == "message" and b"SHARDMAP" in message["data"]:
+                # The channel mostly carries positions and rows: the substring
+                # test spares decoding them.
+                announced = decode_announcement(message["data"])
+                if announced is not None and announced.in_force:
+                    self.set_shard_map(announced.shard_map())
 
     # -- lifecycle -----------------------------------------------------
 
@@ -502,6 +687,11 @@ class PersisterClient:
 
     async def close(self) -> None:
         self._closed = True
+        tasks = [*self._followers, *([self._map_read] if self._map_read else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._followers.clear()
         if self._http is not None:
             await self._http.close()
             self._http = None

@@ -1,30 +1,37 @@
 """`persister reshard`: change the writer pool while it runs (contract section 7).
 
 The command returns once the new epoch is committed, which is when it is in
-force (see the fence in `persister.storage.shard_map`). It then tells
-everyone on the Redis channel; persisters and clients that miss the message
-learn the map by polling and from 421 answers.
+force (see the fence in `persister.storage.shard_map`). It announces the map
+on the Redis channel twice (`persister.replication.shardmap` says why):
+before the COMMIT, so that stream readers know a new writer before it can
+write, and after it, for clients and persisters. If the first announcement
+cannot be published, the reshard fails and nothing changes; a lost second
+one only slows clients down (they also learn from 421 answers and polling).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 
 import msgspec
 import psycopg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from persister.config import Config, ConfigError
+from persister.errors import PersisterError
 from persister.replication.publisher import redis_client
+from persister.replication.shardmap import encode_announcement
 from persister.sharding import ShardMap, moved_rooms
 from persister.storage.shard_map import install_next_epoch, load_shard_map, stored_room_ids
 
+logger = logging.getLogger(__name__)
 
-class ShardMapAnnouncement(msgspec.Struct, frozen=True, tag_field="cmd", tag="SHARDMAP"):
-    epoch: int
-    writers: list[str]
-    sharding: str
-    pins: dict[str, str]
+
+class AnnounceFailed(PersisterError):
+    """The map could not be announced before its COMMIT; the reshard rolled back."""
 
 
 Change = Callable[[ShardMap], ShardMap]
@@ -64,31 +71,59 @@ def _check_known(config: Config, instances: list[str]) -> None:
 
 async def apply_change(config: Config, change: Change) -> str:
     seed = (tuple(config.stream_writers.events), config.sharding)
-    async with await psycopg.AsyncConnection.connect(config.database.url) as conn:
-        before, after = await install_next_epoch(conn, *seed, change)
-        rooms = await stored_room_ids(conn)
-    if after.epoch == before.epoch:
-        return f"epoch {after.epoch} unchanged: the map already places rooms that way"
-    await announce(config, after)
+    client = redis_client(config.redis.url, "persister-reshard")
+    try:
+        await _check_redis(client)
+
+        async def announce_prepared(after: ShardMap) -> None:
+            await _publish_prepared(client, config.redis.channel, after)
+
+        async with await psycopg.AsyncConnection.connect(config.database.url) as conn:
+            before, after = await install_next_epoch(
+                conn, *seed, change, before_commit=announce_prepared
+            )
+            if after.epoch == before.epoch:
+                return f"epoch {after.epoch} unchanged: the map already places rooms that way"
+            announced = await _publish_in_force(client, config.redis.channel, after)
+            rooms = await stored_room_ids(conn)
+    finally:
+        await client.aclose()
     moved = moved_rooms(rooms, before, after)
     return (
         f"epoch {after.epoch} in force: writers {','.join(after.writers)} "
         f"({after.sharding}), {len(after.pins)} pin(s); "
         f"{len(moved)} of {len(rooms)} stored rooms moved"
+        + ("" if announced else " (not announced on Redis: clients learn it by polling)")
     )
 
 
-async def announce(config: Config, shard_map: ShardMap) -> None:
-    message = ShardMapAnnouncement(
-        shard_map.epoch, list(shard_map.writers), shard_map.sharding, dict(shard_map.pins)
-    )
-    client = redis_client(config.redis.url)
+async def _check_redis(client: Redis) -> None:
+    # Connected before the install: the exclusive lock, which holds up every
+    # writer, is then held for one PUBLISH, not for a connection set-up.
     try:
-        await client.publish(config.redis.channel, msgspec.json.encode(message))
-    except OSError:
-        pass  # Persisters poll the stored map; the announcement only speeds them up.
-    finally:
-        await client.aclose()
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise AnnounceFailed(f"cannot reach Redis ({exc}); nothing changed") from None
+
+
+async def _publish_prepared(client: Redis, channel: str, shard_map: ShardMap) -> None:
+    try:
+        await client.publish(channel, encode_announcement(shard_map, in_force=False))
+    except (RedisError, OSError) as exc:
+        raise AnnounceFailed(
+            f"cannot announce epoch {shard_map.epoch} on Redis ({exc}); nothing changed"
+        ) from None
+
+
+async def _publish_in_force(client: Redis, channel: str, shard_map: ShardMap) -> bool:
+    try:
+        await client.publish(channel, encode_announcement(shard_map, in_force=True))
+    except (RedisError, OSError) as exc:
+        # The epoch is in force already; persisters, clients and readers
+        # poll the stored map, the message only speeds them up.
+        logger.warning("epoch %d is in force but was not announced: %s", shard_map.epoch, exc)
+        return False
+    return True
 
 
 async def show(config: Config) -> str:

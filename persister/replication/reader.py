@@ -34,7 +34,26 @@ which are promises like POSITION messages, so a reader that missed messages
 need not wait for the next one to notice.
 
 Rows of instances outside `writers` are delivered if they are announced, but
-nothing waits for them: keep the writer list complete (`set_writers`).
+nothing waits for them, so the writer set must be complete. By default the
+reader takes it from the stored shard map (contract section 7; `writers`
+only seeds it until a map is stored): the map's writers and pin targets,
+plus the writers a newer map removed, until each has announced the new
+epoch's `sequence_at_start` (everything it ever committed is at or below
+that; a peer announces for it if it is dead). So the minimum never goes
+back when a writer leaves, and a new writer joins at the minimum without
+pulling it back, because the reader hears of it before anything could
+carry the minimum past its first event: `persister reshard` announces the
+map before its COMMIT, and Redis delivers in publish order
+(`persister.replication.shardmap`). For what a subscription may have
+missed, every (re)subscription reads the stored positions and then the map,
+waiting out an install in progress; a poll of the map completes removals
+whose SHARDMAP message was lost.
+
+With `catch_up_url=` (one persister's base URL, or several to fail over
+between) the stretches the buffer cannot vouch for come from the persisters'
+catch-up API (`persister.replication.catchup`) instead of the `events`
+table; the database is then read only for the starting point, writer ids
+and stored positions.
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from sortedcontainers import SortedDict  # type: ignore[import-untyped, unused-ignore]
 
+from persister.replication.catchup import CatchUpClient, CatchUpUnavailable
 from persister.replication.messages import (
     EVENTS_STREAM,
     Command,
@@ -61,9 +81,12 @@ from persister.replication.messages import (
     decode_command,
 )
 from persister.replication.publisher import redis_client
+from persister.replication.shardmap import ShardMapAnnouncement, decode_announcement
+from persister.sharding import ShardMap
+from persister.storage.shard_map import leaving_writers, load_shard_map_fenced
 from persister.storage.streams import (
-    complete_position,
     ensure_instance_ids,
+    read_sequence_position,
     read_stream_positions,
     rows_between,
 )
@@ -74,6 +97,9 @@ _T = TypeVar("_T")
 
 ROWS_PER_QUERY: Final = 500
 MAX_BUFFERED_ROWS: Final = 10_000
+SHARD_MAP_POLL_S: Final = 1.0
+# Messages that arrive while start() reads the database are kept for after.
+MAX_EARLY_MESSAGES: Final = 100_000
 # Writers announce every second, so a silent subscription is a dead one
 # (a half-open TCP connection never errors): ping, and reconnect if even
 # the pong does not come.
@@ -108,10 +134,17 @@ class StreamState:
         self._delivered = start
         self._buffer: _SortedRows = SortedDict()
         self._max_buffered = max_buffered_rows
+        # Removed writers still counted, each until it reaches its position.
+        self._leaving: dict[str, int] = {}
 
     @property
     def writers(self) -> frozenset[str]:
         return self._writers
+
+    def leaving(self) -> dict[str, int]:
+        """Writers a shard map removed that still count, with the position
+        each must reach first."""
+        return dict(self._leaving)
 
     def complete_up_to(self) -> int:
         return self._floor
@@ -152,7 +185,33 @@ class StreamState:
                 self._raise_coverage(self._floor)
                 self._cur[writer] = self._floor
         self._writers = new
+        for writer in [w for w in self._leaving if w not in new]:
+            del self._leaving[writer]
         self._recompute()
+
+    def apply_shard_map(
+        self, writers: Iterable[str], sequence_at_start: int, *, in_force: bool
+    ) -> bool:
+        """Follow a shard map; `writers` are the ones it names (its list and
+        pin targets). True if the writer set changed.
+
+        Its writers count from now on: a new one joins at the minimum, so
+        the minimum never moves back. If the map is in force, writers it
+        does not name *leave*: they commit nothing under it, and everything
+        they committed has an ordering <= `sequence_at_start`, so each keeps
+        counting until it has announced that far, then drops out. (A map not
+        yet in force may still roll back: it only adds.)
+        """
+        named = frozenset(writers)
+        before = self._writers
+        for writer in named:
+            self._leaving.pop(writer, None)
+        self.set_writers(self._writers | named)
+        if in_force:
+            for writer in self._writers - named:
+                self._leaving[writer] = max(self._leaving.get(writer, 0), sequence_at_start)
+            self._retire_arrived()
+        return self._writers != before
 
     def has_deliverable(self) -> bool:
         return self._floor > self._delivered
@@ -197,8 +256,29 @@ class StreamState:
                 self._buffer[row.stream_ordering] = row
         self._cur[instance] = pos
         self._trim()
+        if instance in self._leaving:
+            self._retire_arrived()
         self._recompute()
         return True
+
+    def drop_leaving(self, writer: str) -> bool:
+        """Stop counting a leaving writer now: the caller knows it has
+        nothing left to announce (and applied its stored position first)."""
+        if writer not in self._leaving:
+            return False
+        del self._leaving[writer]
+        self._writers = self._writers - {writer}
+        self._recompute()
+        return True
+
+    def _retire_arrived(self) -> None:
+        arrived = [w for w, at in self._leaving.items() if self._cur.get(w, at - 1) >= at]
+        for writer in arrived:
+            del self._leaving[writer]
+        if arrived:
+            # Dropping a writer from the minimum can only raise it.
+            self._writers = self._writers - frozenset(arrived)
+            self._recompute()
 
     def _raise_coverage(self, upto: int) -> None:
         if upto > self._covered_from:
@@ -257,10 +337,26 @@ class StreamReader:
         from_position: int | None = None,
         max_buffered_rows: int = MAX_BUFFERED_ROWS,
         subscribe_timeout_s: float | None = 5.0,
+        catch_up_url: str | Sequence[str] | None = None,
+        catch_up_secret: str | None = None,
+        follow_shard_map: bool = True,
+        shard_map_poll_s: float = SHARD_MAP_POLL_S,
     ) -> None:
         """`from_position`: deliver rows after it (default: where the stream is
         complete now, from the database). `subscribe_timeout_s`: how long
-        `start` waits for Redis before failing (None: do not wait)."""
+        `start` waits for Redis before failing (None: do not wait).
+        `catch_up_url`: read missed rows from this persister's (or these
+        persisters') catch-up API, authenticating with `catch_up_secret` (the
+        replication secret), instead of from the database.
+        `follow_shard_map`: take the writer set from the stored shard map (see
+        the module docstring), polling it every `shard_map_poll_s`; False:
+        exactly `writers`, changed only by `set_writers`."""
+        self._catch_up: CatchUpClient | None = None
+        if catch_up_url is not None:
+            if catch_up_secret is None:
+                raise ValueError("catch_up_url needs catch_up_secret (the replication secret)")
+            urls = [catch_up_url] if isinstance(catch_up_url, str) else list(catch_up_url)
+            self._catch_up = CatchUpClient(urls, catch_up_secret)
         self._redis_url = redis_url
         self._channel = channel
         self._database_url = database_url
@@ -280,14 +376,21 @@ class StreamReader:
         self._redis_failing = False
         self.subscriptions = 0  # how often it (re)subscribed; for tests and metrics
         self.database_reads = 0  # how often rows came from the database
+        self.catch_up_reads = 0  # how often rows came from the catch-up API
+        self._follow_map = follow_shard_map
+        self._map_poll_s = shard_map_poll_s
+        self._map_epoch = 0  # the newest epoch in force that was applied
+        self._prepared_epoch = 0  # the newest epoch announced before its COMMIT
+        self._map_poller: asyncio.Task[None] | None = None
+        self._map_conn: AsyncConnection[Any] | None = None
+        self._early: list[bytes] = []
+        self._early_overflowed = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
-            self._ids = await ensure_instance_ids(conn, self._writers)
-            start = self._from_position
-            if start is None:
-                start = await complete_position(conn, self._writers)
-        self._state = StreamState(self._writers, start, max_buffered_rows=self._max_buffered)
+        # Subscribed first, then the database: what was published before the
+        # subscription is in the database by the time it is read (messages
+        # that come meanwhile wait in `_early`).
         self._listener = asyncio.create_task(self._listen_forever(), name="stream-reader")
         if self._subscribe_timeout_s is not None:
             try:
@@ -298,17 +401,62 @@ class StreamReader:
                     f"cannot subscribe to {self._channel!r} on Redis within "
                     f"{self._subscribe_timeout_s} s"
                 ) from None
+        read_after_subscribing = self._subscribed.is_set()
+        try:
+            async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+                state = await self._initial_state(conn)
+                # No await from here to the end of the replay: messages must
+                # be applied in the order they came (a SHARDMAP before the
+                # positions after it).
+                self._state = state
+                early, self._early = self._early, []
+                for data in early:
+                    self._on_data(data)
+                self._writers = sorted(state.writers)
+                self._ids.update(await ensure_instance_ids(conn, self._writers))
+        except BaseException:
+            await self.close()
+            raise
+        if self._early_overflowed or (not read_after_subscribing and self._subscribed.is_set()):
+            self._start_refresh()  # the subscription came during the read: read again
+        if self._follow_map:
+            self._map_poller = asyncio.create_task(self._poll_map_forever(), name="reader-map")
+
+    async def _initial_state(self, conn: AsyncConnection[Any]) -> StreamState:
+        """Where the stream is complete, over the right writers (see
+        `persister.storage.streams.complete_position`: the sequence is read
+        before the stored positions; the map, fenced, after them)."""
+        sequence = await read_sequence_position(conn)
+        stored = await read_stream_positions(conn)
+        current = await load_shard_map_fenced(conn) if self._follow_map else None
+        writers = set(self._writers)
+        if current is not None:
+            writers = current.all_writers() | await leaving_writers(conn, current)
+        start = self._from_position
+        if start is None:
+            start = min((stored.get(w, sequence) for w in writers), default=sequence)
+        state = StreamState(writers, start, max_buffered_rows=self._max_buffered)
+        if current is not None:
+            state.apply_shard_map(current.all_writers(), current.sequence_at_start, in_force=True)
+            self._map_epoch = current.epoch
+        return state
 
     async def close(self) -> None:
         self._closed = True
         self._notify()
-        for task in (self._listener, self._refresh):
+        for task in (self._listener, self._refresh, self._map_poller, *self._background):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._listener = self._refresh = None
+        self._listener = self._refresh = self._map_poller = None
         await self._drop_connection()
+        if self._map_conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await self._map_conn.close()
+            self._map_conn = None
+        if self._catch_up is not None:
+            await self._catch_up.close()
 
     @property
     def state(self) -> StreamState:
@@ -324,7 +472,13 @@ class StreamReader:
 
     def token(self) -> str:
         minimum = self.complete_up_to()
-        ahead = {self._ids[w]: pos for w, pos in self.positions().items() if pos > minimum}
+        # A writer whose id is still being looked up is left out: the token
+        # then counts it at the minimum, which is true, only less precise.
+        ahead = {
+            self._ids[w]: pos
+            for w, pos in self.positions().items()
+            if pos > minimum and w in self._ids
+        }
         return format_token(minimum, ahead)
 
     async def set_writers(self, writers: Sequence[str]) -> None:
@@ -348,7 +502,9 @@ class StreamReader:
     async def rows(self) -> AsyncGenerator[EventRow, None]:
         """Every event row after the start, once each, in stream order, up to
         complete_up_to. One consumer at a time; it ends when the reader closes.
-        Breaking out and calling again resumes after the last row received."""
+        Breaking out and calling again resumes after the last row received.
+        With catch-up over HTTP, a persister refusing the call (a wrong
+        secret, no such API) raises `CatchUpRejected` from here."""
         if self._consuming:
             raise RuntimeError("rows() is already being iterated")
         self._consuming = True
@@ -375,6 +531,10 @@ class StreamReader:
     async def _read_span(
         self, from_exclusive: int, to_inclusive: int
     ) -> tuple[list[EventRow], int]:
+        if self._catch_up is not None:
+            rows, upto = await self._over_http(self._catch_up, from_exclusive, to_inclusive)
+            self.catch_up_reads += 1
+            return rows, upto
         rows, limited = await self._with_database(
             lambda conn: rows_between(conn, from_exclusive, to_inclusive, ROWS_PER_QUERY)
         )
@@ -395,6 +555,22 @@ class StreamReader:
             except psycopg.OperationalError as exc:
                 logger.warning("stream reader: database unavailable (%s); retrying", exc)
                 await self._drop_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _over_http(
+        self, catch_up: CatchUpClient, from_exclusive: int, to_inclusive: int
+    ) -> tuple[list[EventRow], int]:
+        """One stretch from the catch-up API, retrying (on the next persister)
+        until one answers: like `_with_database`, a consumer waits out outages."""
+        delay = RETRY_INITIAL_S
+        while True:
+            if self._closed:
+                raise ReaderClosed
+            try:
+                return await catch_up.rows_between(from_exclusive, to_inclusive, ROWS_PER_QUERY)
+            except CatchUpUnavailable as exc:
+                logger.warning("stream reader: catch-up API unavailable (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
 
@@ -475,29 +651,141 @@ class StreamReader:
         self._redis_failing = False
         self._subscribed.set()
         # Whatever was published while we were away is lost; the stored
-        # positions tell us how far to read from the database right away.
-        # (The first time, start() has just read them.)
-        if self.subscriptions > 1 and (self._refresh is None or self._refresh.done()):
+        # positions (and map) tell us how far to read from the database
+        # right away. Before the state exists, start() reads them anyway.
+        if self._state is not None:
+            self._start_refresh()
+
+    def _start_refresh(self) -> None:
+        if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.create_task(self._refresh_from_database())
 
     def _on_data(self, data: bytes) -> None:
+        if self._state is None:
+            if len(self._early) < MAX_EARLY_MESSAGES:
+                self._early.append(data)
+            else:
+                self._early_overflowed = True
+            return
         try:
             command = decode_command(data)
         except msgspec.DecodeError as exc:
             # A lost message: the next one from that writer shows the gap.
             logger.warning("stream reader: ignoring a malformed message: %s", exc)
             return
-        if command is not None and self.state.apply(command):
+        if command is None:
+            announced = decode_announcement(data) if self._follow_map else None
+            if announced is not None:
+                self._on_announced_map(announced)
+        elif self.state.apply(command):
+            self._notify()
+
+    def _on_announced_map(self, announced: ShardMapAnnouncement) -> None:
+        # Applied at once, in channel order: see persister.replication.shardmap.
+        if announced.epoch <= self._map_epoch:
+            return
+        if announced.in_force:
+            self._map_epoch = announced.epoch
+        else:
+            self._prepared_epoch = max(self._prepared_epoch, announced.epoch)
+        shard_map = announced.shard_map()
+        self._apply_map(shard_map, in_force=announced.in_force)
+
+    def _apply_stored_map(self, shard_map: ShardMap | None) -> bool:
+        if shard_map is None or shard_map.epoch <= self._map_epoch:
+            return False
+        self._map_epoch = shard_map.epoch
+        return self._apply_map(shard_map, in_force=True)
+
+    def _apply_map(self, shard_map: ShardMap, *, in_force: bool) -> bool:
+        state = self.state
+        changed = state.apply_shard_map(
+            shard_map.all_writers(), shard_map.sequence_at_start, in_force=in_force
+        )
+        self._writers = sorted(state.writers)
+        new = [w for w in self._writers if w not in self._ids]
+        if new:
+            self._spawn(self._learn_ids(new))
+        if changed:
+            self._notify()
+        return changed
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _learn_ids(self, writers: list[str]) -> None:
+        try:
+            async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
+                self._ids.update(await ensure_instance_ids(conn, writers))
+        except psycopg.Error as exc:
+            logger.warning("stream reader: cannot look up writer ids: %s", exc)
+
+    async def _poll_map_forever(self) -> None:
+        """The stored map, and the stored positions of leaving writers, every
+        `shard_map_poll_s`: for SHARDMAP messages that were lost."""
+        while True:
+            await asyncio.sleep(self._map_poll_s)
+            try:
+                if self._map_conn is None or self._map_conn.closed:
+                    self._map_conn = await AsyncConnection.connect(
+                        self._database_url, autocommit=True
+                    )
+                await self._poll_map_once(self._map_conn)
+            except psycopg.Error as exc:
+                logger.warning("stream reader: cannot poll the shard map: %s", exc)
+                with contextlib.suppress(psycopg.Error, OSError):
+                    if self._map_conn is not None:
+                        await self._map_conn.close()
+                self._map_conn = None
+
+    async def _poll_map_once(self, conn: AsyncConnection[Any]) -> None:
+        prepared_before = self._prepared_epoch
+        # Fenced: an install whose early SHARDMAP was applied before this
+        # read has committed or rolled back by the time it returns.
+        current = await load_shard_map_fenced(conn)
+        if current is None:
+            return
+        if current.epoch > self._map_epoch:
+            self._map_epoch = current.epoch
+            self._apply_map(current, in_force=True)
+        elif prepared_before > current.epoch == self._map_epoch:
+            # That install rolled back: the writers only it named leave.
+            self._apply_map(current, in_force=True)
+        if not self.state.leaving():
+            return
+        stored = await read_stream_positions(conn)
+        pending = await leaving_writers(conn, current)
+        if self._prepared_epoch != prepared_before or self._map_epoch != current.epoch:
+            return  # a map came meanwhile; the next round looks again
+        changed = False
+        for writer in self.state.leaving():
+            # A stored position is a promise too (stored by the peer that
+            # announced for a dead writer, say).
+            if writer in stored:
+                changed = self.state.apply_stored_position(writer, stored[writer]) or changed
+            if writer not in pending:
+                # No stored epoch left it anything unannounced: named only by
+                # an install that rolled back, or announced past its start.
+                changed = self.state.drop_leaving(writer) or changed
+        if changed:
+            self._writers = sorted(self.state.writers)
             self._notify()
 
     async def _refresh_from_database(self) -> None:
+        # Positions first, then the map. A stored position covering a new
+        # writer's event was stored after that writer's epoch took force, so
+        # the map read later names it. And the read waits out an install
+        # under way, whose early SHARDMAP we may have missed while away.
         try:
             async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
                 stored = await read_stream_positions(conn)
+                current = await load_shard_map_fenced(conn) if self._follow_map else None
         except psycopg.Error as exc:
             logger.warning("stream reader: cannot read stored positions: %s", exc)
             return
-        changed = False
+        changed = self._apply_stored_map(current)
         for instance, position in stored.items():
             if instance in self.state.writers or self.state.known(instance) is not None:
                 changed = self.state.apply_stored_position(instance, position) or changed
