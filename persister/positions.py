@@ -29,13 +29,20 @@ Callers must mark orderings finished only when their transaction has
 certainly ended. After a connection error during COMMIT the server may still
 be committing; see `persister.liveness.settle_lost_connection`.
 
-Pure bookkeeping, no I/O: the write path drives it.
+Pure bookkeeping, no I/O: the write path drives it. The position can rise
+on any call (`observe`, `end_fetch`, `abandon_fetch`, `finish`), so the
+writer gives `on_advance`, called with each new position, to announce every
+rise at once: a peer's position observed while a fetch was in flight
+becomes ours only when the fetch ends, and leaving it to the next commit
+held every reader back by a whole transaction (stream lag, issue 3).
+`on_drawn`, called with the highest ordering of each fetch, lets the writer
+tell its peers early how far the sequence has gone (`persister.replication.peers`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from sortedcontainers import (  # type: ignore[import-untyped, unused-ignore]
@@ -56,11 +63,27 @@ class _SortedInts(Protocol):
     def __iter__(self) -> Iterator[int]: ...
 
 
+OnAdvance = Callable[[int], None]
+
+
 class WriterPositions:
     """The position of one writer (see the module docstring)."""
 
-    def __init__(self, instance: str, start: int) -> None:
+    def __init__(
+        self,
+        instance: str,
+        start: int,
+        on_advance: OnAdvance | None = None,
+        on_drawn: OnAdvance | None = None,
+    ) -> None:
+        """`on_advance(position)` runs inside the call that raised the position;
+        it must not block, and may not rely on the caller's rows being handed
+        over yet (see `persister.replication.publisher` for why that is fine).
+        `on_drawn(ordering)` runs inside `end_fetch` with the fetch's highest
+        ordering: the sequence has handed that out (a fact, not a promise)."""
         self.instance = instance
+        self._on_advance = on_advance
+        self._on_drawn = on_drawn
         self._position = start
         self._max_seen = start
         self._unfinished: _SortedInts = SortedSet()
@@ -91,6 +114,8 @@ class WriterPositions:
             )
         self._unfinished.update(orderings)
         self._max_seen = max(self._max_seen, max(orderings, default=cap))
+        if orderings and self._on_drawn is not None:
+            self._on_drawn(max(orderings))
         self._advance()
 
     def abandon_fetch(self, token: int) -> None:
@@ -113,6 +138,10 @@ class WriterPositions:
 
     def position(self) -> int:
         return self._position
+
+    def max_seen(self) -> int:
+        """The highest ordering known to be handed out by the shared sequence."""
+        return self._max_seen
 
     def position_if_finished(self, orderings: Sequence[int]) -> int:
         """The position once `orderings` finish, for the stream_positions row
@@ -150,4 +179,8 @@ class WriterPositions:
         return bound
 
     def _advance(self) -> None:
-        self._position = max(self._position, self._bound())
+        bound = self._bound()
+        if bound > self._position:
+            self._position = bound
+            if self._on_advance is not None:
+                self._on_advance(bound)

@@ -207,6 +207,7 @@ class Publisher:
         self._channel = channel
         self._client: Redis | None = None
         self._outbox = Outbox(instance)
+        self._hint: bytes | None = None
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -234,6 +235,23 @@ class Publisher:
         """Rows of a committed batch, and this writer's position after it."""
         self._outbox.add_rows(rows)
         self._outbox.request(position, force=False)
+        self._wake()
+
+    def announce(self, position: int) -> None:
+        """This writer's position rose to `position`: announce it if no message
+        carries it yet. Synchronous, for `WriterPositions(on_advance=...)`: it
+        may run inside `finish()`, before that batch's rows are handed over,
+        which is safe because messages are built only when the sender runs,
+        after the caller's next suspension, by which time the rows are here."""
+        self._outbox.request(position, force=False)
+        self._wake()
+
+    def hint(self, message: bytes) -> None:
+        """Publish `message` once the announcements queued now are out,
+        replacing a hint not sent yet: for facts of which only the newest
+        matters (a DRAWN, see `persister.replication.peers`). Not a promise,
+        so never retried."""
+        self._hint = message
         self._wake()
 
     async def publish_position(self, position: int) -> None:
@@ -277,13 +295,17 @@ class Publisher:
     async def _send_forever(self) -> None:
         delay = RETRY_INITIAL_S
         while True:
-            if not self._outbox.has_work():
+            if self._hint is None and not self._outbox.has_work():
                 self._idle.set()
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
             try:
-                await self._send_next()
+                # Our own announcements first: readers wait on those.
+                if self._outbox.has_work():
+                    await self._send_next()
+                else:
+                    await self._send_hint()
             except (RedisError, OSError) as exc:
                 self._note_failure(exc)
                 await asyncio.sleep(delay)
@@ -291,6 +313,11 @@ class Publisher:
             else:
                 self._note_success()
                 delay = RETRY_INITIAL_S
+
+    async def _send_hint(self) -> None:
+        assert self._client is not None and self._hint is not None
+        message, self._hint = self._hint, None
+        await self._client.publish(self._channel, message)
 
     async def _send_next(self) -> None:
         assert self._client is not None
