@@ -19,6 +19,9 @@ from typing import Any, Final
 import msgspec
 
 from persister.matrix.pdu import MAX_PDU_BYTES
+from persister.replication.catchup import CATCH_UP_PATH, StreamRows
+from persister.replication.shardmap import SHARD_MAP_PATH
+from persister.sharding import ShardMap
 from persister.status import HEALTH_PATH, STATUS_PATH, InstanceStatusBody
 from persister.wire import ErrorBody, PersistRequest, PersistResponse
 
@@ -126,6 +129,38 @@ def _persist_operation(refs: dict[str, str]) -> JsonObject:
     }
 
 
+def _catch_up_operation(refs: dict[str, str]) -> JsonObject:
+    def integer(name: str, required: bool, description: str) -> JsonObject:
+        return {
+            "name": name,
+            "in": "query",
+            "required": required,
+            "description": description,
+            "schema": {"type": "integer", "minimum": 0},
+        }
+
+    return {
+        "operationId": "streamEvents",
+        "summary": "Events of the stream between two positions, for a reader catching up",
+        "security": [{"replicationSecret": []}],
+        "parameters": [
+            integer("from", True, "Exclusive lower bound (a stream position)."),
+            integer("to", True, "Inclusive upper bound."),
+            integer("limit", False, "At most this many rows (default 100, at most 1000)."),
+        ],
+        "responses": {
+            "200": _json(
+                refs["StreamRows"],
+                "Rows in stream order; when `limited`, `to` is the last row's ordering and "
+                "the next call continues from there.",
+            ),
+            "400": _json(refs["ErrorBody"], "A parameter is missing or out of range."),
+            "401": _json(refs["ErrorBody"], "Missing or wrong secret."),
+            "503": _json(refs["ErrorBody"], "PostgreSQL cannot be reached."),
+        },
+    }
+
+
 def _paths(refs: dict[str, str]) -> JsonObject:
     return {
         PERSIST_PATH: {"post": _persist_operation(refs)},
@@ -145,6 +180,19 @@ def _paths(refs: dict[str, str]) -> JsonObject:
                 "summary": "This instance's position, queue and rooms (`persister status`)",
                 "responses": {
                     "200": _json(refs["InstanceStatusBody"], "The instance's status."),
+                    "503": _json(refs["ErrorBody"], "PostgreSQL cannot be reached."),
+                },
+            }
+        },
+        CATCH_UP_PATH: {"get": _catch_up_operation(refs)},
+        SHARD_MAP_PATH: {
+            "get": {
+                "operationId": "shardMap",
+                "summary": "The shard map in force (writers, placement scheme, pins, epoch)",
+                "security": [{"replicationSecret": []}],
+                "responses": {
+                    "200": _json(refs["ShardMap"], "The map, freshly read from PostgreSQL."),
+                    "401": _json(refs["ErrorBody"], "Missing or wrong secret."),
                     "503": _json(refs["ErrorBody"], "PostgreSQL cannot be reached."),
                 },
             }
@@ -175,7 +223,7 @@ def _paths(refs: dict[str, str]) -> JsonObject:
 
 def openapi_document() -> JsonObject:
     """The whole document, built from the Structs each time (it is cheap)."""
-    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody)
+    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody, StreamRows, ShardMap)
     top, components = msgspec.json.schema_components(structs, ref_template=_REF)
     refs = {struct.__name__: schema["$ref"] for struct, schema in zip(structs, top, strict=True)}
     components["EventEnvelope"]["properties"]["pdu"] = _PDU_SCHEMA

@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestClient
 
 from persister.http.app import build_app
 from persister.http.openapi import OPENAPI_PATH, PERSIST_PATH, openapi_document, openapi_json
+from persister.replication.catchup import StreamRows
+from persister.sharding import ShardMap
 from persister.status import InstanceStatusBody
 from persister.wire import ErrorBody, PersistRequest, PersistResponse
 from persister.writer.service import Writer
@@ -30,7 +32,7 @@ def test_the_checked_in_document_is_current() -> None:
 
 def test_bodies_are_the_structs_schemas() -> None:
     document = openapi_document()
-    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody)
+    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody, StreamRows, ShardMap)
     template = "#/components/schemas/{name}"
     _, expected = msgspec.json.schema_components(structs, ref_template=template)
     schemas = document["components"]["schemas"]
