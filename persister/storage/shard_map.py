@@ -1,9 +1,12 @@
 """The stored shard map and the fence that makes an epoch change safe.
 
 Protocol (contract section 7):
-- Every write transaction first calls `fence_txn`, which takes the shard-map
-  advisory lock SHARED for the rest of the transaction and then reads the
-  epoch in force. The writer compares it with the map it routed by; on a
+- Every write transaction first takes the shard-map advisory lock SHARED
+  for the rest of the transaction and then reads the epoch in force. The
+  writer does this inside `persister_fence` (migrations/0004), together
+  with its liveness fence, in one statement; `fence_txn` below is the same
+  two steps on their own, for callers without a liveness epoch (tests,
+  tools). The writer compares it with the map it routed by; on a
   mismatch it rolls back, reloads the map and answers 421 for moved rooms.
 - `install_next_epoch` takes the same lock EXCLUSIVELY. It waits for every
   write transaction in flight to end, inserts the next epoch and commits.
@@ -80,6 +83,7 @@ BeforeCommit = Callable[[ShardMap], Awaitable[None]]
 
 async def fence_txn(cur: AsyncCursor[Any]) -> int:
     """The epoch in force; no newer one can take force before this transaction ends."""
+    # Keep in step with persister_fence (migrations/0004_batch_fence.sql).
     await cur.execute(FENCE, (SHARD_MAP_LOCK,))
     await cur.execute(CURRENT_EPOCH)
     row = await cur.fetchone()
