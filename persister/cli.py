@@ -143,7 +143,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    return int(uvloop.run(coro))
 
 
 if __name__ == "__main__":

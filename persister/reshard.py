@@ -1,12 +1,18 @@
 """`persister reshard`: change the writer pool while it runs (contract section 7).
 
-The command returns once the new epoch is committed, which is when it is in
-force (see the fence in `persister.storage.shard_map`). It announces the map
-on the Redis channel twice (`persister.replication.shardmap` says why):
-before the COMMIT, so that stream readers know a new writer before it can
-write, and after it, for clients and persisters. If the first announcement
-cannot be published, the reshard fails and nothing changes; a lost second
-one only slows clients down (they also learn from 421 answers and polling).
+The command installs the next epoch (persisters route by it from its
+COMMIT), drains it (waits for the old epoch's transactions in flight, then
+records where the stream was) and returns once it is in force; see
+`persister.storage.shard_map`. It announces the map on the Redis channel
+twice (`persister.replication.shardmap` says why): before the COMMIT, so
+that stream readers know a new writer before it can write and persisters
+switch at the COMMIT, and once in force, for clients, persisters and
+readers. If the first announcement cannot be published, the reshard fails
+and nothing changes; a lost second one only slows clients down (they also
+learn from 421 answers and polling).
+
+Run again after being interrupted, it drains an epoch left installed (and
+persisters drain it themselves when they poll or gain a room).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from persister.errors import PersisterError
 from persister.replication.publisher import redis_client
 from persister.replication.shardmap import encode_announcement
 from persister.sharding import ShardMap, moved_rooms
-from persister.storage.shard_map import install_next_epoch, load_shard_map, stored_room_ids
+from persister.storage.shard_map import install_in_force, load_shard_map, stored_room_ids
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +85,14 @@ async def apply_change(config: Config, change: Change) -> str:
             await _publish_prepared(client, config.redis.channel, after)
 
         async with await psycopg.AsyncConnection.connect(config.database.url) as conn:
-            before, after = await install_next_epoch(
+            before, after = await install_in_force(
                 conn, *seed, change, before_commit=announce_prepared
             )
-            if after.epoch == before.epoch:
+            if after.epoch == before.epoch and before.in_force:
                 return f"epoch {after.epoch} unchanged: the map already places rooms that way"
             announced = await _publish_in_force(client, config.redis.channel, after)
+            if after.epoch == before.epoch:
+                return f"epoch {after.epoch} (left installed by an interrupted reshard) in force"
             rooms = await stored_room_ids(conn)
     finally:
         await client.aclose()
@@ -98,8 +106,9 @@ async def apply_change(config: Config, change: Change) -> str:
 
 
 async def _check_redis(client: Redis) -> None:
-    # Connected before the install: the exclusive lock, which holds up every
-    # writer, is then held for one PUBLISH, not for a connection set-up.
+    # Connected before the install: the install lock, which holds up every
+    # process loading the map, is then held for one PUBLISH, not for a
+    # connection set-up.
     try:
         await client.ping()
     except (RedisError, OSError) as exc:
@@ -133,9 +142,13 @@ async def show(config: Config) -> str:
             return "no stored shard map yet: the first persister seeds epoch 1 from the config"
         previous = await load_shard_map(conn, current.epoch - 1)
         rooms = await stored_room_ids(conn)
+    since = (
+        f"in force since stream position {current.sequence_at_start}"
+        if current.in_force
+        else "installed, being drained (`persister reshard` again finishes it)"
+    )
     lines = [
-        f"epoch {current.epoch} ({current.sharding}), in force since stream position "
-        f"{current.sequence_at_start}",
+        f"epoch {current.epoch} ({current.sharding}), {since}",
         f"writers: {', '.join(current.writers)}",
     ]
     lines += [f"pin: {room} -> {instance}" for room, instance in sorted(current.pins.items())]

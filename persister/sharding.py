@@ -55,7 +55,19 @@ class ShardMap(msgspec.Struct, frozen=True):
     writers: tuple[str, ...]
     sharding: Scheme = "sha256"
     pins: Mapping[str, str] = msgspec.field(default_factory=dict)
-    sequence_at_start: int = 0
+    # None while the epoch is installed but not yet drained: it routes, but
+    # is not in force (see persister.storage.shard_map).
+    sequence_at_start: int | None = 0
+
+    @property
+    def in_force(self) -> bool:
+        return self.sequence_at_start is not None
+
+    def start(self) -> int:
+        """`sequence_at_start` of a map in force."""
+        if self.sequence_at_start is None:
+            raise ValueError(f"shard map epoch {self.epoch} is not in force")
+        return self.sequence_at_start
 
     def owner(self, room_id: str) -> str:
         pinned = self.pins.get(room_id)

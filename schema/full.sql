@@ -126,7 +126,8 @@ $$;
 -- ---- from 0003_shard_map.sql
 
 -- The writer pool as a stored map with epochs (contract section 7).
--- The newest epoch is in force. `stream_writers.events` only seeds epoch 1.
+-- The newest epoch routes; it is in force once drained (0005).
+-- `stream_writers.events` only seeds epoch 1.
 
 CREATE TABLE shard_map_epochs (
     epoch           BIGINT PRIMARY KEY,
@@ -137,7 +138,7 @@ CREATE TABLE shard_map_epochs (
     -- The events sequence when this epoch took force: no writer of an
     -- older epoch commits an ordering above it (readers retire removed
     -- writers once they have announced this far).
-    sequence_at_start BIGINT NOT NULL,
+    sequence_at_start BIGINT,  -- NULL until drained (0005)
     created_ts      BIGINT NOT NULL
 );
 
@@ -148,16 +149,101 @@ CREATE TABLE shard_map_pins (
     PRIMARY KEY (epoch, room_id)
 );
 
--- From 0004_batch_fence.sql
-CREATE FUNCTION persister_fence(
-    fence_ns INT, instance TEXT, expected_epoch BIGINT, shard_map_lock BIGINT
-) RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+-- ---- from 0004_batch_fence.sql and 0005_epoch_drain.sql
+
+-- The advisory-lock namespace of the epoch locks: (namespace, epoch).
+CREATE FUNCTION shard_map_epoch_lock_ns() RETURNS INT LANGUAGE sql IMMUTABLE
+AS $$ SELECT 1886846981 $$;  -- 0x70770005
+
+-- A write transaction's shard-map fence, taken before any ordering is drawn:
+-- the newest epoch, its sequence_at_start (NULL: not yet in force), and, if
+-- it is not the epoch the writer routed by, its map. Each lock is taken before the epoch is read by
+-- a later statement, which in READ COMMITTED sees an install that committed
+-- while we waited. A transaction that finds a newer epoch also holds that
+-- epoch's lock, so the writer may go on under it if its rooms did not move,
+-- rather than roll back.
+CREATE FUNCTION shard_map_fence(
+    routed_epoch BIGINT,
+    OUT epoch BIGINT, OUT sequence_at_start BIGINT,
+    OUT writers TEXT[], OUT sharding TEXT, OUT pins JSON
+) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    shard_epoch BIGINT;
+    locked BIGINT := routed_epoch;
 BEGIN
-    PERFORM stream_writer_fence(fence_ns, instance, expected_epoch);
-    PERFORM pg_advisory_xact_lock_shared(shard_map_lock);
-    SELECT coalesce(max(epoch), 0) INTO shard_epoch FROM shard_map_epochs;
-    RETURN shard_epoch;
+    PERFORM pg_advisory_xact_lock_shared(shard_map_epoch_lock_ns(), routed_epoch::INT);
+    LOOP
+        SELECT e.epoch, e.sequence_at_start INTO epoch, sequence_at_start
+        FROM shard_map_epochs AS e ORDER BY e.epoch DESC LIMIT 1;
+        IF NOT FOUND THEN
+            epoch := 0;  -- nothing stored yet: no writer routes by anything
+            sequence_at_start := 0;
+        END IF;
+        EXIT WHEN epoch = locked;
+        PERFORM pg_advisory_xact_lock_shared(shard_map_epoch_lock_ns(), epoch::INT);
+        locked := epoch;
+    END LOOP;
+    IF epoch <> routed_epoch THEN
+        SELECT e.writers, e.sharding,
+               (SELECT coalesce(json_object_agg(p.room_id, p.instance_name), '{}'::json)
+                FROM shard_map_pins AS p WHERE p.epoch = e.epoch)
+        INTO writers, sharding, pins
+        FROM shard_map_epochs AS e WHERE e.epoch = locked;
+    END IF;
+END
+$$;
+
+-- Put an installed epoch in force: wait until no transaction of an epoch
+-- since the last one in force is left, then record where the sequence is.
+-- Returns the epoch's sequence_at_start. Concurrent drains queue on the
+-- epoch's row; the later ones find it done.
+--
+-- The wait polls with try-locks on purpose. A blocking exclusive request
+-- would make every later shared request on that lock queue behind it, and a
+-- writer that has not yet seen the new epoch would stall on it even for
+-- rooms that do not move.
+CREATE FUNCTION shard_map_drain(target BIGINT) RETURNS BIGINT
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    start BIGINT;
+    since BIGINT;
+    older BIGINT;
+BEGIN
+    SELECT sequence_at_start INTO start FROM shard_map_epochs WHERE epoch = target FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no shard map epoch %', target USING ERRCODE = 'PS003';
+    END IF;
+    IF start IS NOT NULL THEN
+        RETURN start;
+    END IF;
+    -- Transactions of epochs before the last one in force all ended before
+    -- that epoch was drained.
+    SELECT coalesce(max(epoch), 0) INTO since
+    FROM shard_map_epochs WHERE epoch < target AND sequence_at_start IS NOT NULL;
+    FOR older IN
+        SELECT epoch FROM shard_map_epochs WHERE epoch >= since AND epoch < target ORDER BY epoch
+    LOOP
+        WHILE NOT pg_try_advisory_xact_lock(shard_map_epoch_lock_ns(), older::INT) LOOP
+            PERFORM pg_sleep(0.001);
+        END LOOP;
+    END LOOP;
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END INTO start
+    FROM events_stream_seq;
+    UPDATE shard_map_epochs SET sequence_at_start = start WHERE epoch = target;
+    RETURN start;
+END
+$$;
+
+-- Both fences of a write transaction in one statement, as before, now with
+-- the epoch lock instead of the single shard-map lock.
+CREATE FUNCTION persister_fence(
+    fence_ns INT, instance TEXT, liveness_epoch BIGINT, routed_epoch BIGINT,
+    OUT shard_epoch BIGINT, OUT sequence_at_start BIGINT,
+    OUT writers TEXT[], OUT sharding TEXT, OUT pins JSON
+) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM stream_writer_fence(fence_ns, instance, liveness_epoch);
+    SELECT f.epoch, f.sequence_at_start, f.writers, f.sharding, f.pins
+    INTO shard_epoch, sequence_at_start, writers, sharding, pins
+    FROM shard_map_fence(routed_epoch) AS f;
 END
 $$;

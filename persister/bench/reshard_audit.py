@@ -181,7 +181,8 @@ async def verify(
 ) -> tuple[list[Check], list[ShardMap]]:
     """Every check of the module docstring; also returns the stored epochs."""
     async with await AsyncConnection.connect(database_url, autocommit=True) as conn:
-        epochs = await load_all_epochs(conn)
+        # Epochs that never took force (replaced while being drained) own nothing.
+        epochs = [e for e in await load_all_epochs(conn) if e.in_force]
         events = await _stored_events(conn)
         checks = [
             await check_exactly_once(conn, acknowledged),
@@ -238,7 +239,7 @@ async def check_exactly_once(conn: AsyncConnection[Any], acknowledged: Sequence[
 
 def epoch_of(ordering: int, epochs: Sequence[ShardMap]) -> ShardMap:
     """The epoch whose range (start_k, start_(k+1)] holds `ordering`."""
-    starts = [e.sequence_at_start for e in epochs]
+    starts = [e.start() for e in epochs]
     return epochs[max(0, bisect.bisect_left(starts, ordering) - 1)]
 
 
@@ -359,7 +360,7 @@ def check_new_writers_announced_first(
         for writer in sorted(after.all_writers() - before.all_writers()):
             first = next(
                 (e.ordering for e in events
-                 if e.instance == writer and e.ordering > after.sequence_at_start),
+                 if e.instance == writer and e.ordering > after.start()),
                 None,
             )  # fmt: skip
             if first is None:

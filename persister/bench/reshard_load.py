@@ -16,10 +16,13 @@ and the run reports:
   its last acknowledgement before the step ended and its first one after.
   With a request always in flight, a room's gap is about one request's
   latency when nothing happens (the *baseline*, measured away from steps);
-  its *pause* is the gap minus the room's own median gap away from steps,
-  the waiting the step added (for a moved room: the 421, the redirect and
-  the new owner's first batch). Rooms that moved and rooms that did not are
-  summed up separately.
+  its *pause* is the gap minus the gap that covers a random instant away
+  from steps (`covering_median`: a step falls in a longer gap than the
+  median even when it changes nothing), the waiting the step added (for a
+  moved room: the 421, the redirect and the new owner's first batch). Rooms
+  that moved and rooms that did not are summed up separately, and beside
+  them the *control*: the same figures at random instants away from steps
+  (`control_gaps`), the noise of the machine.
 - throughput (acknowledged events/s) before the first step, from the first
   step to one second after the last, and after;
 - per reshard: rooms and stored events that changed owner, and the moved
@@ -34,6 +37,7 @@ import bisect
 import contextlib
 import math
 import os
+import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -72,6 +76,8 @@ READER_CATCH_UP_S = 20.0
 SETTLE_S = 1.5  # load after the last step, at least
 GAP_WINDOW_S = 2.0  # a room counts at a step if it was acknowledged this shortly before
 SYNTHETIC_ROOMS = 100_000
+CONTROL_SAMPLES = 40  # random instants per run for the control figures
+CONTROL_MARGIN_S = 0.25  # kept clear of each quiet span's ends
 
 
 # -- scenarios ---------------------------------------------------------------------
@@ -149,6 +155,12 @@ def scenario(name: str, sharding: Scheme, duration_s: float) -> Scenario:
             Restart(at[2], NAMES[1]),
             _at(shrink, at[4]),
         )
+    elif name == "no-move":
+        # New epochs that move no room: rendezvous placement ignores the
+        # order of the writer list. Every room is an unmoved room, so the
+        # figures show what an epoch change alone costs them.
+        sharding = "rendezvous"
+        steps = (Reshard(at[0], (NAMES[1], NAMES[0])), Reshard(at[3], NAMES[:2]))
     else:
         raise ValueError(f"unknown scenario {name!r}")
     return Scenario(name, sharding, steps, duration_s)
@@ -431,6 +443,8 @@ class RunReport(msgspec.Struct):
     client_redirects: int
     throughput_events_per_s: Throughput
     baseline: Gaps
+    # Pauses at random instants away from steps (`control_gaps`).
+    control: Gaps
     steps: list[StepFigures]
     reader_writer_sets: list[list[str]]
     synthetic_moved_share_2_to_3: dict[str, float]
@@ -469,6 +483,39 @@ def gaps_at(
     """Each active room's gap in acknowledgements around a step: from its
     last one before the step ended to its first one after; `typical` is
     each room's median gap away from steps."""
+    return _gaps(*_room_gaps(acks_by_room, typical, rooms, began, ended))
+
+
+def control_gaps(
+    acks_by_room: dict[str, list[float]],
+    typical: dict[str, float],
+    quiet: Sequence[tuple[float, float]],
+    samples: int = CONTROL_SAMPLES,
+) -> Gaps:
+    """`gaps_at` for every room at random instants away from steps: what a
+    step that changes nothing would show, the noise a step's figures are
+    read against. Seeded, so a run's report is reproducible from its acks."""
+    rng = random.Random(7)
+    spans = [(lo + CONTROL_MARGIN_S, hi - CONTROL_MARGIN_S) for lo, hi in quiet]
+    spans = [(lo, hi) for lo, hi in spans if hi > lo]
+    values: list[float | None] = []
+    pauses: list[float] = []
+    for _ in range(samples if spans else 0):
+        lo, hi = rng.choice(spans)
+        instant = rng.uniform(lo, hi)
+        v, p, _ = _room_gaps(acks_by_room, typical, list(acks_by_room), instant, instant)
+        values += v
+        pauses += p
+    return _gaps(values, pauses)
+
+
+def _room_gaps(
+    acks_by_room: dict[str, list[float]],
+    typical: dict[str, float],
+    rooms: Iterable[str],
+    began: float,
+    ended: float,
+) -> tuple[list[float | None], list[float], list[float]]:
     values: list[float | None] = []
     pauses, resumes = [], []
     for room in rooms:
@@ -483,7 +530,7 @@ def gaps_at(
         values.append(gap)
         pauses.append(max(0.0, gap - typical.get(room, 0.0)))
         resumes.append(dones[index] - ended)
-    return _gaps(values, pauses, resumes)
+    return values, pauses, resumes
 
 
 def quiet_gaps(
@@ -499,6 +546,24 @@ def quiet_gaps(
             if any(lo <= a and b <= hi for lo, hi in quiet)
         )
     return gaps
+
+
+def covering_median(gaps: Sequence[float]) -> float:
+    """The median length of the gap that covers a random instant.
+
+    A step ends at an instant unrelated to a room's acknowledgements, and
+    long gaps cover more instants than short ones, so the gap a step falls
+    in is, even when the step changes nothing, longer than the median gap:
+    gaps weigh by their length here, as they are met at random instants.
+    """
+    ordered = sorted(gaps)
+    half = sum(ordered) / 2
+    total = 0.0
+    for gap in ordered:
+        total += gap
+        if total >= half:
+            return gap
+    return ordered[-1] if ordered else 0.0
 
 
 def throughput(acks: Sequence[Ack], spans: Sequence[tuple[float, float]]) -> list[float]:
@@ -536,7 +601,7 @@ async def step_figures(
         epoch = None
         if record.before is not None and record.after is not None:
             epoch = record.after.epoch
-            stored = await events_per_room(database_url, record.after.sequence_at_start)
+            stored = await events_per_room(database_url, record.after.start())
             moved = stored_rooms_moved(list(stored), record.before, record.after)
         unmoved = [r for r in rooms if r not in moved]
         figures.append(
@@ -641,8 +706,9 @@ async def _report(
         acks_by_room[ack.room_id].append(ack.done)
     first = min((r.began for r in records), default=end)
     last = max((r.ended for r in records), default=start) + 1.0
-    quiet = quiet_gaps(acks_by_room, [(start, first - 0.2), (last, end)])
-    typical = {room: percentile(gaps, 0.5) for room, gaps in quiet.items() if gaps}
+    quiet_spans = [(start, first - 0.2), (last, end)]
+    quiet = quiet_gaps(acks_by_room, quiet_spans)
+    typical = {room: covering_median(gaps) for room, gaps in quiet.items() if gaps}
     before, during, after = throughput(recorder.acks, [(start, first), (first, last), (last, end)])
     figures = await step_figures(scenario, records, acks_by_room, typical, database_url, start)
     return RunReport(
@@ -657,6 +723,7 @@ async def _report(
         client_redirects=redirects,
         throughput_events_per_s=Throughput(before, during, after),
         baseline=_gaps([g for gaps in quiet.values() for g in gaps]),
+        control=control_gaps(acks_by_room, typical, quiet_spans),
         steps=figures,
         reader_writer_sets=writer_sets,
         synthetic_moved_share_2_to_3=synthetic_moved_share(),
@@ -674,6 +741,8 @@ def format_report(report: RunReport) -> str:
         f"throughput events/s: before {t.before}, during {t.during}, after {t.after}",
         f"baseline gap (away from steps): p50 {report.baseline.gap_p50_ms} ms, "
         f"p99 {report.baseline.gap_p99_ms} ms over {report.baseline.rooms} gaps",
+        f"control (random instants away from steps, what a step that changes nothing shows): "
+        f"pause p50 {report.control.pause_p50_ms} p99 {report.control.pause_p99_ms} ms",
     ]
     for s in report.steps:
         lines.append(
@@ -700,8 +769,11 @@ def format_report(report: RunReport) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m persister.bench.reshard_load")
-    parser.add_argument("--scenario", default="grow-shrink",
-                        choices=["grow-shrink", "pin-unpin", "kill-reshard"])  # fmt: skip
+    parser.add_argument(
+        "--scenario",
+        default="grow-shrink",
+        choices=["grow-shrink", "pin-unpin", "kill-reshard", "no-move"],
+    )
     parser.add_argument("--sharding", default="rendezvous", choices=["sha256", "rendezvous"])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rooms", type=int, default=64)

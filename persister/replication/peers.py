@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -37,10 +37,12 @@ from redis.exceptions import RedisError
 
 from persister.replication.messages import EVENTS_STREAM
 from persister.replication.publisher import redis_client
+from persister.replication.shardmap import ShardMapAnnouncement
 
 logger = logging.getLogger(__name__)
 
 OnPeerPosition = Callable[[int], None]
+OnShardMap = Callable[[], None]
 
 
 class Drawn(msgspec.Struct, frozen=True, tag_field="cmd", tag="DRAWN"):
@@ -65,7 +67,7 @@ class _RData(msgspec.Struct, frozen=True, tag_field="cmd", tag="RDATA"):
     pos: int
 
 
-_peer_decoder: Final = msgspec.json.Decoder(_Position | _RData | Drawn)
+_peer_decoder: Final = msgspec.json.Decoder(_Position | _RData | Drawn | ShardMapAnnouncement)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -74,13 +76,18 @@ def encode_drawn(instance: str, reached: int) -> bytes:
 
 
 async def follow_peers(
-    redis_url: str, channel: str, instance: str, on_position: OnPeerPosition
+    redis_url: str,
+    channel: str,
+    instance: str,
+    on_position: OnPeerPosition,
+    on_shard_map: OnShardMap | None = None,
 ) -> None:
-    """Call `on_position` with every position another writer announces; runs until cancelled."""
+    """Call `on_position` with every position another writer announces, and
+    `on_shard_map` on every SHARDMAP message; runs until cancelled."""
     attempt = 0
     while True:
         try:
-            await _follow(redis_url, channel, instance, on_position)
+            await _follow(redis_url, channel, instance, on_position, on_shard_map)
         except (RedisError, OSError) as exc:
             attempt += 1
             if attempt == 1:
@@ -90,13 +97,24 @@ async def follow_peers(
             attempt = 0
 
 
-async def _follow(redis_url: str, channel: str, instance: str, on_position: OnPeerPosition) -> None:
+async def _follow(
+    redis_url: str,
+    channel: str,
+    instance: str,
+    on_position: OnPeerPosition,
+    on_shard_map: OnShardMap | None,
+) -> None:
     client = redis_client(redis_url, f"peers:{instance}", reconnects=0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
         await pubsub.subscribe(channel)
         async for message in pubsub.listen():
-            position = peer_position(message.get("data"), instance)
+            command = _peer_command(message.get("data"))
+            if isinstance(command, ShardMapAnnouncement):
+                if on_shard_map is not None:
+                    on_shard_map()
+                continue
+            position = _position_of(command, instance)
             if position is not None:
                 on_position(position)
     finally:
@@ -116,12 +134,24 @@ CLOSE_TIMEOUT_S: Final = 1.0
 
 def peer_position(data: object, instance: str) -> int | None:
     """How far another writer's message says the sequence has gone, if it does."""
+    return _position_of(_peer_command(data), instance)
+
+
+_PeerCommand = _Position | _RData | Drawn | ShardMapAnnouncement
+
+
+def _peer_command(data: object) -> _PeerCommand | None:
     if not isinstance(data, bytes | str):
         return None
     try:
-        command = _peer_decoder.decode(data)
+        return cast(_PeerCommand, _peer_decoder.decode(data))
     except msgspec.DecodeError:
-        return None  # anything else on the channel (SHARDMAP, a newer command)
+        return None  # anything else on the channel (a newer command, say)
+
+
+def _position_of(command: _PeerCommand | None, instance: str) -> int | None:
+    if command is None or isinstance(command, ShardMapAnnouncement):
+        return None
     if command.stream != EVENTS_STREAM or command.instance == instance:
         return None
     return command.reached if isinstance(command, Drawn) else command.pos

@@ -83,7 +83,7 @@ from persister.replication.messages import (
 from persister.replication.publisher import redis_client
 from persister.replication.shardmap import ShardMapAnnouncement, decode_announcement
 from persister.sharding import ShardMap
-from persister.storage.shard_map import leaving_writers, load_shard_map_fenced
+from persister.storage.shard_map import leaving_writers, load_maps_fenced
 from persister.storage.streams import (
     ensure_instance_ids,
     read_sequence_position,
@@ -381,6 +381,10 @@ class StreamReader:
         self._map_poll_s = shard_map_poll_s
         self._map_epoch = 0  # the newest epoch in force that was applied
         self._prepared_epoch = 0  # the newest epoch announced before its COMMIT
+        # The newest map seen before it took force (announced before its
+        # COMMIT, or stored while being drained): its writers stay counted
+        # when an older map takes force.
+        self._prepared: ShardMap | None = None
         self._map_poller: asyncio.Task[None] | None = None
         self._map_conn: AsyncConnection[Any] | None = None
         self._early: list[bytes] = []
@@ -428,17 +432,23 @@ class StreamReader:
         before the stored positions; the map, fenced, after them)."""
         sequence = await read_sequence_position(conn)
         stored = await read_stream_positions(conn)
-        current = await load_shard_map_fenced(conn) if self._follow_map else None
+        in_force, draining = await load_maps_fenced(conn) if self._follow_map else (None, None)
         writers = set(self._writers)
-        if current is not None:
-            writers = current.all_writers() | await leaving_writers(conn, current)
+        if in_force is not None:
+            writers = in_force.all_writers() | await leaving_writers(conn, in_force)
+        if draining is not None:
+            writers |= draining.all_writers()
         start = self._from_position
         if start is None:
             start = min((stored.get(w, sequence) for w in writers), default=sequence)
         state = StreamState(writers, start, max_buffered_rows=self._max_buffered)
-        if current is not None:
-            state.apply_shard_map(current.all_writers(), current.sequence_at_start, in_force=True)
-            self._map_epoch = current.epoch
+        if in_force is not None:
+            state.apply_shard_map(in_force.all_writers(), in_force.start(), in_force=True)
+            self._map_epoch = in_force.epoch
+        if draining is not None:
+            state.apply_shard_map(draining.all_writers(), 0, in_force=False)
+            self._prepared_epoch = draining.epoch
+            self._prepared = draining
         return state
 
     async def close(self) -> None:
@@ -684,23 +694,39 @@ class StreamReader:
         # Applied at once, in channel order: see persister.replication.shardmap.
         if announced.epoch <= self._map_epoch:
             return
-        if announced.in_force:
-            self._map_epoch = announced.epoch
-        else:
-            self._prepared_epoch = max(self._prepared_epoch, announced.epoch)
         shard_map = announced.shard_map()
-        self._apply_map(shard_map, in_force=announced.in_force)
+        if announced.in_force:
+            self._apply_in_force(shard_map)
+        else:
+            self._apply_prepared(shard_map)
 
-    def _apply_stored_map(self, shard_map: ShardMap | None) -> bool:
-        if shard_map is None or shard_map.epoch <= self._map_epoch:
-            return False
-        self._map_epoch = shard_map.epoch
-        return self._apply_map(shard_map, in_force=True)
+    def _apply_stored_maps(self, in_force: ShardMap | None, draining: ShardMap | None) -> bool:
+        changed = False
+        if in_force is not None and in_force.epoch > self._map_epoch:
+            changed = self._apply_in_force(in_force)
+        if draining is not None:
+            changed = self._apply_prepared(draining) or changed
+        return changed
+
+    def _apply_in_force(self, shard_map: ShardMap) -> bool:
+        self._map_epoch = max(self._map_epoch, shard_map.epoch)
+        changed = self._apply_map(shard_map, in_force=True)
+        if self._prepared is not None and self._prepared.epoch > shard_map.epoch:
+            # A newer map was announced (or is being drained): its writers
+            # are not leaving, whatever this older one says.
+            changed = self._apply_map(self._prepared, in_force=False) or changed
+        return changed
+
+    def _apply_prepared(self, shard_map: ShardMap) -> bool:
+        self._prepared_epoch = max(self._prepared_epoch, shard_map.epoch)
+        if self._prepared is None or shard_map.epoch >= self._prepared.epoch:
+            self._prepared = shard_map
+        return self._apply_map(shard_map, in_force=False)
 
     def _apply_map(self, shard_map: ShardMap, *, in_force: bool) -> bool:
         state = self.state
         changed = state.apply_shard_map(
-            shard_map.all_writers(), shard_map.sequence_at_start, in_force=in_force
+            shard_map.all_writers(), shard_map.sequence_at_start or 0, in_force=in_force
         )
         self._writers = sorted(state.writers)
         new = [w for w in self._writers if w not in self._ids]
@@ -744,15 +770,15 @@ class StreamReader:
         prepared_before = self._prepared_epoch
         # Fenced: an install whose early SHARDMAP was applied before this
         # read has committed or rolled back by the time it returns.
-        current = await load_shard_map_fenced(conn)
+        current, draining = await load_maps_fenced(conn)
         if current is None:
             return
-        if current.epoch > self._map_epoch:
-            self._map_epoch = current.epoch
-            self._apply_map(current, in_force=True)
-        elif prepared_before > current.epoch == self._map_epoch:
+        newest = draining or current
+        if prepared_before > newest.epoch:
             # That install rolled back: the writers only it named leave.
-            self._apply_map(current, in_force=True)
+            self._prepared = draining
+            self._apply_in_force(current)
+        self._apply_stored_maps(current, draining)
         if not self.state.leaving():
             return
         stored = await read_stream_positions(conn)
@@ -781,11 +807,13 @@ class StreamReader:
         try:
             async with await AsyncConnection.connect(self._database_url, autocommit=True) as conn:
                 stored = await read_stream_positions(conn)
-                current = await load_shard_map_fenced(conn) if self._follow_map else None
+                in_force, draining = (
+                    await load_maps_fenced(conn) if self._follow_map else (None, None)
+                )
         except psycopg.Error as exc:
             logger.warning("stream reader: cannot read stored positions: %s", exc)
             return
-        changed = self._apply_stored_map(current)
+        changed = self._apply_stored_maps(in_force, draining)
         for instance, position in stored.items():
             if instance in self.state.writers or self.state.known(instance) is not None:
                 changed = self.state.apply_stored_position(instance, position) or changed

@@ -6,12 +6,13 @@
 
 `persister reshard` publishes it twice (`persister.reshard`):
 
-- `in_force: false` while it installs the epoch, *before* the COMMIT. The
-  install holds the shard-map lock exclusively, so nobody commits under the
-  old epoch or the new one meanwhile. Readers add the map's writers at once;
-  nothing else acts on it (the epoch may still roll back).
-- `in_force: true` after the COMMIT. Clients route by it, persisters refresh,
-  readers start retiring the writers it removed.
+- `in_force: false` while it installs the epoch, *before* the COMMIT.
+  Readers add the map's writers at once; persisters start a fenced reload,
+  which returns at the COMMIT (or the rollback: the epoch may still roll
+  back), so they route by the new epoch from then on. A writer the map adds
+  writes nothing before the epoch is drained (all its rooms are gained).
+- `in_force: true` once the epoch is drained (in force). Clients route by
+  it, persisters refresh, readers start retiring the writers it removed.
 
 Why the first message. Redis hands each subscriber a channel's messages in
 the order they were published. A writer that the new epoch adds draws its
@@ -23,8 +24,9 @@ order thus knows the new writer before anything could carry its minimum
 past o, and the writer joins without pulling the minimum back.
 
 `sequence_at_start` is ours too: the last ordering handed out before the
-epoch took force. Every event of an epoch has an ordering above its
-`sequence_at_start` and at or below the next epoch's.
+epoch took force (0 in a message with `in_force: false`). Every event of
+an epoch has an ordering above its `sequence_at_start` and at or below the
+next in-force epoch's.
 
 Persisters also serve the map in force at `GET /_persist/v1/shard_map`
 (bearer secret, as for persisting), as the JSON of a `ShardMap`; clients
@@ -53,9 +55,8 @@ class ShardMapAnnouncement(msgspec.Struct, frozen=True, tag_field="cmd", tag=SHA
     in_force: bool = True
 
     def shard_map(self) -> ShardMap:
-        return ShardMap(
-            self.epoch, tuple(self.writers), self.sharding, dict(self.pins), self.sequence_at_start
-        )
+        start = self.sequence_at_start if self.in_force else None
+        return ShardMap(self.epoch, tuple(self.writers), self.sharding, dict(self.pins), start)
 
 
 _decoder: Final = msgspec.json.Decoder(ShardMapAnnouncement)
@@ -67,7 +68,7 @@ def announcement(shard_map: ShardMap, *, in_force: bool) -> ShardMapAnnouncement
         list(shard_map.writers),
         shard_map.sharding,
         dict(shard_map.pins),
-        shard_map.sequence_at_start,
+        shard_map.sequence_at_start or 0,
         in_force,
     )
 

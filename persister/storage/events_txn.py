@@ -14,6 +14,7 @@ from typing import Any
 from psycopg import AsyncCursor
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
+from persister.storage.shard_map import Fenced, fenced_from_row
 
 Cursor = AsyncCursor[Any]
 
@@ -110,8 +111,8 @@ position AS (
 SELECT 1
 """
 
-# Both fences (liveness and shard map), see migrations/0004_batch_fence.sql.
-FENCE = "SELECT persister_fence(%s, %s, %s, %s)"
+# Both fences (liveness and shard map), see migrations/0005_epoch_drain.sql.
+FENCE = "SELECT * FROM persister_fence(%s, %s, %s, %s)"
 
 
 async def begin_batch_txn(
@@ -120,9 +121,10 @@ async def begin_batch_txn(
     room_ids: Sequence[str],
     event_ids: Sequence[str],
     prev_ids: Sequence[str],
-) -> tuple[int, StoredView]:
+) -> tuple[Fenced, StoredView]:
     """Pass the fences, then read everything `dag.link_batch` needs, all in
-    one pipelined round trip; returns the shard-map epoch in force and the view."""
+    one pipelined round trip; returns what the shard-map fence found, and
+    the view."""
     known_ids = list({*event_ids, *prev_ids})
     conn = cur.connection
     async with conn.pipeline():
@@ -141,7 +143,7 @@ async def begin_batch_txn(
     for room_id, event_id in await c_forward.fetchall():
         forward.setdefault(room_id, set()).add(event_id)
     backward = {(r, e) for r, e in await c_backward.fetchall()}
-    return fence_row[0], StoredView(
+    return fenced_from_row(fence_row), StoredView(
         events=events,
         room_versions=dict(await c_rooms.fetchall()),
         forward_extremities=forward,

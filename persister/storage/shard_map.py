@@ -1,39 +1,49 @@
-"""The stored shard map and the fence that makes an epoch change safe.
+"""The stored shard map, and the fences that make an epoch change safe.
 
-Protocol (contract section 7):
-- Every write transaction first takes the shard-map advisory lock SHARED
-  for the rest of the transaction and then reads the epoch in force. The
-  writer does this inside `persister_fence` (migrations/0004), together
-  with its liveness fence, in one statement; `fence_txn` below is the same
-  two steps on their own, for callers without a liveness epoch (tests,
-  tools). The writer compares it with the map it routed by; on a
-  mismatch it rolls back, reloads the map and answers 421 for moved rooms.
-- `install_next_epoch` takes the same lock EXCLUSIVELY. It waits for every
-  write transaction in flight to end, inserts the next epoch and commits.
-  A write transaction that starts later blocks on the lock until then and
-  reads the new epoch (each statement of READ COMMITTED takes a fresh
-  snapshot, so the epoch is read after the lock is granted).
-Hence no transaction of an older epoch commits once the new epoch is in
-force. Rooms that do not move are held up only while the exclusive lock is
-wanted (new transactions queue behind it until those in flight end: about
-one transaction) and held (~15 ms under load, measured).
+Protocol (contract section 7; SQL in migrations/0005_epoch_drain.sql):
 
-Because write transactions draw their orderings after the fence, the
-sequence value that `install_next_epoch` reads under the exclusive lock
-(`sequence_at_start`) splits the stream exactly: every event committed under
-epoch k has `start_k < stream_ordering <= start_(k+1)`.
+- An epoch is *installed* (`install_next_epoch`): a new row, committed at
+  once, with `sequence_at_start` NULL. Persisters and clients route by it
+  from then on; it is not yet *in force*.
+- Every write transaction first calls `shard_map_fence(routed_epoch)`
+  (inside `persister_fence`, with the liveness fence): it takes the advisory
+  lock (namespace, routed_epoch) SHARED and then reads the newest epoch. The
+  writer rolls back and reroutes if that is not the epoch it routed by.
+- The epoch is *drained* (`drain_epoch`, SQL `shard_map_drain`): once no
+  transaction holds the lock of an epoch since the last one in force (each
+  taken exclusively, by try-lock), the sequence position is recorded as its
+  `sequence_at_start`, and it is in force. `persister reshard` drains right
+  after installing; a writer about to commit a room it *gained* (owned by
+  another writer under some epoch since the last one in force) drains first
+  if nobody has, so an old owner's transaction in flight always ends before
+  the new owner writes the room.
 
-Readers take the lock SHARED too (`load_shard_map_fenced`), to wait out an
-install whose announcement they may have missed (see
-`persister.replication.shardmap`).
+So rooms that do not move never wait on a lock: transactions of the new
+epoch hold a different lock from those the drain waits for. A writer that
+has not yet seen the new epoch loses one attempt (its fence reads the new
+epoch) and reroutes; it hears of installs on the Redis channel, so that is
+rare. Moved rooms wait for the old owner's transactions in flight.
+
+Because orderings are drawn after the fence, `sequence_at_start` still
+splits the stream exactly: every event of an old owner's transaction has an
+ordering at or below it (the drain waited for them), every event of a gained
+room one above it (drawn after the drain). Events of rooms that did not move
+may fall on either side, under the same owner. So every event's writer owns
+its room under the in-force epoch whose `(start, next start]` holds its
+ordering, and a writer that a new epoch removed commits nothing above it.
+
+`SHARD_MAP_LOCK` now only orders installs: each install holds it
+exclusively until its COMMIT, and `load_shard_map_fenced` takes it shared to
+wait out an install whose announcement its caller may have missed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NamedTuple, cast
 
+import msgspec
 from psycopg import AsyncConnection, AsyncCursor
 
 from persister.sharding import Scheme, ShardMap
@@ -42,13 +52,32 @@ from persister.storage.streams import read_sequence_position
 # An arbitrary constant naming the lock: "shardmap" in ASCII, as a bigint.
 SHARD_MAP_LOCK: Final = 0x73686172646D6170
 
-FENCE: Final = "SELECT pg_advisory_xact_lock_shared(%s)"
-CURRENT_EPOCH: Final = "SELECT coalesce(max(epoch), 0) FROM shard_map_epochs"
+FENCE: Final = "SELECT * FROM shard_map_fence(%s)"
+DRAIN: Final = "SELECT shard_map_drain(%s)"
+LOCK_SHARED: Final = "SELECT pg_advisory_xact_lock_shared(%s)"
 LOCK_EXCLUSIVE: Final = "SELECT pg_advisory_xact_lock(%s)"
 SELECT_CURRENT: Final = """
 SELECT epoch, writers, sharding, sequence_at_start
 FROM shard_map_epochs ORDER BY epoch DESC LIMIT 1
 """
+SELECT_IN_FORCE: Final = """
+SELECT epoch, writers, sharding, sequence_at_start
+FROM shard_map_epochs WHERE sequence_at_start IS NOT NULL ORDER BY epoch DESC LIMIT 1
+"""
+# Maps with their pins in one round trip: a writer reloads them when an
+# install commits, and its lanes may be waiting for the answer.
+SELECT_MAPS_WITH_PINS: Final = """
+SELECT e.epoch, e.writers, e.sharding, e.sequence_at_start,
+       (SELECT coalesce(json_object_agg(p.room_id, p.instance_name), '{}'::json)
+        FROM shard_map_pins AS p WHERE p.epoch = e.epoch)
+FROM shard_map_epochs AS e
+"""
+SELECT_SINCE_IN_FORCE: Final = (
+    SELECT_MAPS_WITH_PINS
+    + """WHERE e.epoch >= (SELECT coalesce(max(epoch), 0) FROM shard_map_epochs
+                   WHERE sequence_at_start IS NOT NULL)
+ORDER BY e.epoch"""
+)
 SELECT_EPOCH: Final = """
 SELECT epoch, writers, sharding, sequence_at_start FROM shard_map_epochs WHERE epoch = %s
 """
@@ -62,7 +91,7 @@ INSERT INTO shard_map_pins (epoch, room_id, instance_name)
 SELECT %s, r, i FROM unnest(%s::text[], %s::text[]) AS u(r, i)
 """
 SELECT_ROOM_IDS: Final = "SELECT room_id FROM rooms"
-SELECT_ALL_EPOCHS: Final = "SELECT epoch FROM shard_map_epochs ORDER BY epoch"
+SELECT_ALL_EPOCHS: Final = SELECT_MAPS_WITH_PINS + "ORDER BY e.epoch"
 # Writers some epoch named (in its list or as a pin target) that the map in
 # force does not, and that have not yet promised a position at or above its
 # start (or never stored one): their last orderings may still be unannounced.
@@ -81,23 +110,59 @@ Connection = AsyncConnection[Any]
 BeforeCommit = Callable[[ShardMap], Awaitable[None]]
 
 
-async def fence_txn(cur: AsyncCursor[Any]) -> int:
-    """The epoch in force; no newer one can take force before this transaction ends."""
-    # Keep in step with persister_fence (migrations/0004_batch_fence.sql).
-    await cur.execute(FENCE, (SHARD_MAP_LOCK,))
-    await cur.execute(CURRENT_EPOCH)
+class Fenced(NamedTuple):
+    """What a write transaction's shard-map fence found."""
+
+    epoch: int  # the newest; the transaction holds its lock
+    in_force: bool
+    # The newest map, when it is not the one the transaction routed by.
+    newer: ShardMap | None
+
+
+def fenced_from_row(row: Sequence[Any]) -> Fenced:
+    """A row of `shard_map_fence` (or the shard-map part of `persister_fence`)."""
+    epoch, start, writers, sharding, pins = row
+    newer = None if writers is None else ShardMap(epoch, tuple(writers), sharding, pins, start)
+    return Fenced(epoch, start is not None, newer)
+
+
+async def fence_txn(cur: AsyncCursor[Any], routed_epoch: int) -> Fenced:
+    """The shard-map fence alone (writers take it with their liveness fence,
+    in `persister_fence`)."""
+    await cur.execute(FENCE, (routed_epoch,))
     row = await cur.fetchone()
+    assert row is not None
+    return fenced_from_row(row)
+
+
+async def drain_epoch(conn: Connection, epoch: int) -> int:
+    """Put the installed `epoch` in force once the transactions of older
+    epochs have ended (at once if it is); returns its `sequence_at_start`.
+    Runs in its own short transaction: `conn` must not be inside one."""
+    async with conn.transaction():
+        cur = await conn.execute(DRAIN, (epoch,))
+        row = await cur.fetchone()
     assert row is not None
     return cast(int, row[0])
 
 
 async def load_shard_map(conn: Connection, epoch: int | None = None) -> ShardMap | None:
-    """The map in force, or that of an older `epoch`; None if there is none."""
+    """The newest map (it routes, in force or not), or that of `epoch`;
+    None if there is none."""
     if epoch is None:
         cur = await conn.execute(SELECT_CURRENT)
     else:
         cur = await conn.execute(SELECT_EPOCH, (epoch,))
-    row = await cur.fetchone()
+    return await _shard_map_of(conn, await cur.fetchone())
+
+
+async def load_in_force(conn: Connection) -> ShardMap | None:
+    """The newest map in force (drained)."""
+    cur = await conn.execute(SELECT_IN_FORCE)
+    return await _shard_map_of(conn, await cur.fetchone())
+
+
+async def _shard_map_of(conn: Connection, row: tuple[Any, ...] | None) -> ShardMap | None:
     if row is None:
         return None
     epoch, writers, sharding, sequence_at_start = row
@@ -111,33 +176,57 @@ async def load_shard_map(conn: Connection, epoch: int | None = None) -> ShardMap
     )
 
 
-async def load_shard_map_fenced(conn: Connection) -> ShardMap | None:
-    """The map in force once any install under way has committed or rolled back.
+async def load_routing(conn: Connection) -> list[ShardMap]:
+    """The maps from the newest in force to the newest, oldest first: the
+    last one routes; a room whose owner differs in an earlier one is a
+    gained room until the last one is drained."""
+    return await _load_epochs(conn, SELECT_SINCE_IN_FORCE)
 
-    Taking the lock shared waits for an install that holds it, so the map
-    read is at least as new as every epoch whose install began before this
+
+async def load_routing_fenced(conn: Connection) -> list[ShardMap]:
+    """`load_routing` once any install under way has committed or rolled back."""
+    async with conn.transaction():
+        await conn.execute(LOCK_SHARED, (SHARD_MAP_LOCK,))
+        return await load_routing(conn)
+
+
+async def load_maps_fenced(conn: Connection) -> tuple[ShardMap | None, ShardMap | None]:
+    """(the newest map in force, the newest map if it is still being drained),
+    once any install under way has committed or rolled back.
+
+    Taking the lock shared waits for an install that holds it, so the maps
+    read are at least as new as every epoch whose install began before this
     call. `conn` must not be inside a transaction of the caller's.
     """
     async with conn.transaction():
-        await conn.execute(FENCE, (SHARD_MAP_LOCK,))
-        return await load_shard_map(conn)
+        await conn.execute(LOCK_SHARED, (SHARD_MAP_LOCK,))
+        newest = await load_shard_map(conn)
+        if newest is None or newest.in_force:
+            return newest, None
+        return await load_in_force(conn), newest
 
 
 async def load_all_epochs(conn: Connection) -> list[ShardMap]:
     """Every stored epoch, oldest first."""
-    cur = await conn.execute(SELECT_ALL_EPOCHS)
-    epochs = [epoch for (epoch,) in await cur.fetchall()]
-    maps = [await load_shard_map(conn, epoch) for epoch in epochs]
-    return [m for m in maps if m is not None]
+    return await _load_epochs(conn, SELECT_ALL_EPOCHS)
+
+
+async def _load_epochs(conn: Connection, query: str) -> list[ShardMap]:
+    cur = await conn.execute(query)
+    return [
+        ShardMap(epoch, tuple(writers), sharding, dict(pins), start)
+        for epoch, writers, sharding, start, pins in await cur.fetchall()
+    ]
 
 
 async def leaving_writers(conn: Connection, current: ShardMap) -> set[str]:
-    """Writers that `current` removed and that readers may still have to wait for.
+    """Writers that `current` (in force) removed and that readers may still have to wait for.
 
     A writer outside the map in force commits nothing, and whatever it
     committed has an ordering <= `current.sequence_at_start`; once its
     stored position reaches that, readers can stop counting it.
     """
+    assert current.in_force, "writers leave a map only once it is in force"
     cur = await conn.execute(
         SELECT_LEAVING, (sorted(current.all_writers()), current.sequence_at_start)
     )
@@ -145,7 +234,7 @@ async def leaving_writers(conn: Connection, current: ShardMap) -> set[str]:
 
 
 async def load_or_seed(conn: Connection, writers: tuple[str, ...], sharding: Scheme) -> ShardMap:
-    """The map in force; the first process to ask seeds epoch 1 from its config."""
+    """The newest map; the first process to ask seeds epoch 1 from its config."""
     current = await load_shard_map(conn)
     if current is not None:
         return current
@@ -161,11 +250,14 @@ async def install_next_epoch(
     *,
     before_commit: BeforeCommit | None = None,
 ) -> tuple[ShardMap, ShardMap]:
-    """Put `change(current)` in force as the next epoch; returns (before, after).
+    """Install `change(current)` as the next epoch; returns (before, after).
 
-    With no stored map yet, `writers`/`sharding` (from the config) seed it.
-    `before_commit(after)` runs while the exclusive lock is held and the
-    epoch is written but not committed; if it raises, nothing changes.
+    The new epoch routes from its COMMIT on and takes force when drained
+    (`drain_epoch`); the very first epoch is in force at once, for no
+    transaction can be older than it. With no stored map yet,
+    `writers`/`sharding` (from the config) seed it. `before_commit(after)`
+    runs while the install lock is held and the epoch is written but not
+    committed; if it raises, nothing changes.
     """
     async with conn.transaction():
         await conn.execute(LOCK_EXCLUSIVE, (SHARD_MAP_LOCK,))
@@ -174,11 +266,11 @@ async def install_next_epoch(
         wanted = change(before)
         if current is not None and _same_placement(current, wanted):
             return current, current
-        sequence = await read_sequence_position(conn)
-        after = ShardMap(before.epoch + 1, wanted.writers, wanted.sharding, wanted.pins, sequence)
+        start = None if current is not None else await read_sequence_position(conn)
+        after = ShardMap(before.epoch + 1, wanted.writers, wanted.sharding, wanted.pins, start)
         await conn.execute(
             INSERT_EPOCH,
-            (after.epoch, list(after.writers), after.sharding, sequence, int(time.time() * 1000)),
+            (after.epoch, list(after.writers), after.sharding, start, int(time.time() * 1000)),
         )
         if after.pins:
             await conn.execute(
@@ -186,6 +278,25 @@ async def install_next_epoch(
             )
         if before_commit is not None:
             await before_commit(after)
+    return before, after
+
+
+async def install_in_force(
+    conn: Connection,
+    writers: tuple[str, ...],
+    sharding: Scheme,
+    change: Callable[[ShardMap], ShardMap],
+    *,
+    before_commit: BeforeCommit | None = None,
+) -> tuple[ShardMap, ShardMap]:
+    """`install_next_epoch`, then `drain_epoch`: returns once the new epoch
+    (or one an interrupted reshard left installed) is in force."""
+    before, after = await install_next_epoch(
+        conn, writers, sharding, change, before_commit=before_commit
+    )
+    if not after.in_force:
+        start = await drain_epoch(conn, after.epoch)
+        after = msgspec.structs.replace(after, sequence_at_start=start)
     return before, after
 
 

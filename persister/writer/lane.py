@@ -34,7 +34,6 @@ from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
 from persister.storage import events_txn
-from persister.storage.shard_map import SHARD_MAP_LOCK
 from persister.wire import EventResult
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
@@ -108,6 +107,7 @@ class Lane:
         self.busy = False
         self._connect_lock = asyncio.Lock()
         self._reconnecting: asyncio.Task[None] | None = None
+        self._unparking: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -115,7 +115,7 @@ class Lane:
 
     @property
     def idle(self) -> bool:
-        return not self.busy and not self.queue.pending
+        return not self.busy and not self.queue.pending and not self.queue.parked
 
     async def connect(self) -> None:
         self.connection = await psycopg.AsyncConnection.connect(
@@ -130,6 +130,8 @@ class Lane:
         )
 
     async def close(self) -> None:
+        if self._unparking is not None:
+            self._unparking.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -143,7 +145,7 @@ class Lane:
             if not await self._wait_for_work(IDLE_CHECK_S):
                 await self._check_idle_connection()
                 continue
-            batch = self.queue.take(self.settings.max_batch_events)
+            batch = self._park_gained(self.queue.take(self.settings.max_batch_events))
             if not batch:
                 continue
             self.busy = True
@@ -200,6 +202,46 @@ class Lane:
             for request in batch:
                 await self._persist_isolating_failures([request])
 
+    def _park_gained(self, batch: list[PendingRequest]) -> list[PendingRequest]:
+        """Set aside the requests for rooms this writer gained under an epoch
+        not yet in force (and any later request for those rooms, to keep
+        their order) until it is; returns the rest, which go on at once.
+
+        The lane does not wait for the drain itself: the other rooms of the
+        batch and of the queue were never moved and must not pause.
+        """
+        if not self.queue.parked and not self.owners.draining_from:
+            return batch
+        instance = self.settings.instance
+        rest = []
+        for request in batch:
+            room_id = request.link.room_id
+            if room_id in self.queue.parked_rooms or self.owners.needs_drain((room_id,), instance):
+                self.queue.park(request)
+            else:
+                rest.append(request)
+        if self.queue.parked and (self._unparking is None or self._unparking.done()):
+            self._unparking = asyncio.create_task(self._unpark_when_in_force())
+        return rest
+
+    async def _unpark_when_in_force(self) -> None:
+        try:
+            await self.owners.until_in_force()
+        except psycopg.Error as exc:
+            logger.warning("cannot put the new shard map in force: %s", exc)
+            error = StoreUnavailable("the shard map is changing and cannot be read; retry")
+            for request in self.queue.take_parked():
+                self.budget.release(request.event_count, request.size_bytes)
+                if not request.done.done():
+                    request.done.set_exception(error)
+            return
+        self.queue.unpark()
+
+    def _gains_rooms_of(self, batch: list[PendingRequest]) -> bool:
+        return self.owners.needs_drain(
+            (request.link.room_id for request in batch), self.settings.instance
+        )
+
     def _owns_rooms_of(self, batch: list[PendingRequest]) -> bool:
         instance = self.settings.instance
         return all(self.owners.owner(request.link.room_id) == instance for request in batch)
@@ -223,6 +265,7 @@ class Lane:
                 request.done.set_exception(
                     NotMyShard(request.link.room_id, owner, self.settings.instance)
                 )
+        kept = self._park_gained(kept)
         if kept:
             await self._persist_isolating_failures(kept)
 
@@ -298,9 +341,9 @@ class Lane:
         assert self.liveness.epoch is not None
         # Both fences come before any ordering is drawn (see persister.liveness
         # and persister.storage.shard_map for why that order matters).
-        fence = (FENCE_NS, self.settings.instance, self.liveness.epoch, SHARD_MAP_LOCK)
+        fence = (FENCE_NS, self.settings.instance, self.liveness.epoch, self.owners.epoch)
         try:
-            epoch, view = await events_txn.begin_batch_txn(cur, fence, *_batch_ids(batch))
+            fenced, view = await events_txn.begin_batch_txn(cur, fence, *_batch_ids(batch))
         except psycopg.Error as exc:
             if exc.sqlstate == FENCED_OUT:
                 raise FencedOut(f"instance {self.settings.instance} was taken over") from exc
@@ -308,8 +351,14 @@ class Lane:
         # Each request was checked against the map when it arrived; a poll or
         # another request's 421 may have moved the map on since, so the rooms
         # are checked again under the epoch this transaction has fenced.
-        if epoch != self.owners.epoch or not self._owns_rooms_of(batch):
+        # A newer epoch than ours: its lock is held too, so if none of the
+        # batch's rooms moved the batch goes on under it, without a rollback.
+        if fenced.epoch != self.owners.epoch and not self.owners.follow(fenced.newer):
             raise EpochChanged()
+        if not self._owns_rooms_of(batch):
+            raise EpochChanged()
+        if not fenced.in_force and self._gains_rooms_of(batch):
+            raise EpochChanged()  # not yet in force: `_reroute` parks those requests
         plan = link_batch(view, [request.link for request in batch])
         forward_count = plan.new_backfilled.count(False)
         token = self.positions.begin_fetch()

@@ -88,6 +88,10 @@ class LaneQueue:
 
     pending: deque[PendingRequest] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Requests set aside, in order, until the shard-map epoch that gave
+    # their rooms to this writer is in force; and those rooms.
+    parked: list[PendingRequest] = field(default_factory=list)
+    parked_rooms: set[str] = field(default_factory=set)
 
     def put(self, request: PendingRequest) -> None:
         self.pending.append(request)
@@ -108,3 +112,19 @@ class LaneQueue:
 
     async def wait(self) -> None:
         await self.wakeup.wait()
+
+    def park(self, request: PendingRequest) -> None:
+        self.parked.append(request)
+        self.parked_rooms.add(request.link.room_id)
+
+    def unpark(self) -> None:
+        """Put the parked requests back at the head of the queue, in their
+        order: anything queued meanwhile arrived after them."""
+        self.pending.extendleft(reversed(self.take_parked()))
+        if self.pending:
+            self.wakeup.set()
+
+    def take_parked(self) -> list[PendingRequest]:
+        parked, self.parked = self.parked, []
+        self.parked_rooms.clear()
+        return parked

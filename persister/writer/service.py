@@ -69,6 +69,7 @@ class Writer:
         self.accepting = False
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
+        self._map_refresh: asyncio.Task[None] | None = None
         # One autocommit connection per background job, apart from the lanes
         # so a long batch never delays them, and apart from each other because
         # some of them open transactions that must not interleave.
@@ -98,7 +99,13 @@ class Writer:
         self._spawn([
             self._every(LIVENESS_CHECK_S, self.liveness.check),
             self._every(DEAD_WRITER_CHECK_S, self._announce_for_dead_writers),
-            follow_peers(self.redis_url, self.channel, self.instance, self._peer_announced),
+            follow_peers(
+                self.redis_url,
+                self.channel,
+                self.instance,
+                self._peer_announced,
+                self._shard_map_announced,
+            ),
         ])  # fmt: skip
         self.accepting = True
         logger.info("writer %s started at position %d", self.instance, start)
@@ -222,6 +229,19 @@ class Writer:
         # A rise is announced by the positions' on_advance, at once.
         self.positions.observe(position)
 
+    def _shard_map_announced(self) -> None:
+        """`persister reshard` announces an install before its COMMIT: a
+        refresh now waits for it (the load is fenced) and routes by the new
+        epoch right away, so no lane need find it out by failing its fence."""
+        if self._map_refresh is None or self._map_refresh.done():
+            self._map_refresh = asyncio.create_task(self._refresh_shard_map())
+
+    async def _refresh_shard_map(self) -> None:
+        try:
+            await self.owners.refresh()
+        except psycopg.Error as exc:
+            logger.warning("cannot reload the announced shard map: %s", exc)
+
     async def _announce_for_dead_writers(self) -> None:
         # Removed writers too, until they have announced the new epoch's start.
         writers = sorted(self.owners.watched_writers())
@@ -283,6 +303,8 @@ class Writer:
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Release everything; each step is bounded so a stuck one cannot hang shutdown."""
         self.accepting = False
+        if self._map_refresh is not None:
+            self._map_refresh.cancel()
         await _bounded(self.owners.stop(), timeout_s, "shard map poller")
         for task in self._tasks:
             task.cancel()

@@ -278,7 +278,7 @@ def late_rows(snapshots: Sequence[Snapshot], events: Sequence[StoredEvent]) -> l
 
 def epoch_of(ordering: int, maps: Sequence[ShardMap]) -> ShardMap:
     """The map in force when `ordering` was drawn (maps sorted by epoch)."""
-    starts = [m.sequence_at_start for m in maps]
+    starts = [m.start() for m in maps]
     i = bisect.bisect_left(starts, ordering) - 1
     if i < 0:
         raise ValueError(f"ordering {ordering} precedes every epoch")

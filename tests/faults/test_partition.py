@@ -286,7 +286,8 @@ async def read_outcome(database_url: str) -> Stored:
         for (epoch,) in await cur.fetchall():
             loaded = await load_shard_map(conn, epoch)
             assert loaded is not None
-            maps.append(loaded)
+            if loaded.in_force:  # one replaced while being drained owns nothing
+                maps.append(loaded)
         cur = await conn.execute("SELECT room_id, event_id FROM event_forward_extremities")
         forward: dict[str, set[str]] = defaultdict(set)
         for room_id, event_id in await cur.fetchall():
@@ -564,7 +565,7 @@ def findings_lines(found: Findings, load: Load, recorder: ChannelRecorder) -> li
         *(f"  {line}" for line in [*found.promise, *found.late, *found.owners][:10]),
         *(
             f"  epoch {m.epoch}: writers {','.join(m.writers)}, from ordering "
-            f"{m.sequence_at_start + 1}"
+            f"{m.start() + 1}"
             for m in found.stored.maps
         ),  # fmt: skip
     ]

@@ -52,11 +52,12 @@ RATE_HINT = 9000.0
 # Short form: a loose bound that only a stuck room breaks on a busy CI box.
 SHORT_PAUSE_LIMIT_MS = 2500.0
 # The targets, checked in the long form: moved rooms pause at most
-# this long (p99). The others pause only while the reshard's exclusive lock
-# waits for the write transactions in flight and is held (~15 ms): about one
-# transaction, 10-60 ms at the median on the shared 2-core box.
+# this long (p99). The others never wait on the reshard (test_reshard.py
+# shows it lock by lock); what they show under load is the machine's noise,
+# plus the CPU the reshard's own work takes from a saturated 2-core box, so
+# the long form checks it against the control figures (random instants away
+# from steps) with one request's worth of slack.
 TARGET_PAUSE_P99_MS = 250.0
-UNMOVED_PAUSE_P50_MS = 100.0
 
 P1, P2, P3 = NAMES
 
@@ -150,6 +151,22 @@ async def test_pinning_a_busy_room_to_an_idle_writer_and_unpinning_it(
     assert result.report.reader_writer_sets[:2] == [[P1, P2], [P1, P2, P3]]
 
 
+async def test_epoch_changes_that_move_no_room_keep_every_room_going(
+    services: Services, tmp_path: Path, short_workload: Workload
+) -> None:
+    # Every writer finds each new epoch in a write transaction begun under
+    # the old one and carries on under the new one (no rollback, no 421).
+    result = await run(
+        services, tmp_path, scenario("no-move", "rendezvous", SHORT_S), short_workload,
+        follow=True,
+    )  # fmt: skip
+    assert_nothing_broken(result)
+    for step in reshards(result):
+        assert step.rooms_moved == 0 and step.moved.rooms == 0
+        assert_rooms_resumed(step, SHORT_PAUSE_LIMIT_MS)
+    assert result.report.client_redirects == 0
+
+
 async def test_moving_a_killed_writers_rooms_away_and_taking_it_back_after_its_restart(
     services: Services, tmp_path: Path, short_workload: Workload
 ) -> None:
@@ -177,7 +194,7 @@ async def test_moving_a_killed_writers_rooms_away_and_taking_it_back_after_its_r
 @pytest.mark.parametrize(
     ("name", "sharding"),
     [("grow-shrink", "rendezvous"), ("grow-shrink", "sha256"), ("pin-unpin", "rendezvous"),
-     ("kill-reshard", "rendezvous")],
+     ("kill-reshard", "rendezvous"), ("no-move", "rendezvous")],
 )  # fmt: skip
 async def test_the_long_run_meets_the_pause_targets(
     services: Services, tmp_path: Path, long_workload: Workload, name: str, sharding: str
@@ -193,7 +210,8 @@ async def test_the_long_run_meets_the_pause_targets(
             assert step.moved.resume_p99_ms <= TARGET_PAUSE_P99_MS, f"{step.step}: {step.moved}"
             continue
         assert step.moved.pause_p99_ms <= TARGET_PAUSE_P99_MS, f"{step.step}: {step.moved}"
-        assert step.unmoved.pause_p50_ms <= UNMOVED_PAUSE_P50_MS, f"{step.step}: {step.unmoved}"
+        noise = result.report.control.pause_p99_ms + result.report.baseline.gap_p50_ms
+        assert step.unmoved.pause_p50_ms <= noise, f"{step.step}: {step.unmoved}"
     if name == "grow-shrink" and sharding == "rendezvous":
         share = result.report.synthetic_moved_share_2_to_3["rendezvous"]
         assert math.isclose(share, 1 / 3, abs_tol=0.01)

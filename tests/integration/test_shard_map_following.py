@@ -27,6 +27,7 @@ from persister.reshard import AnnounceFailed, apply_change, with_pin, with_write
 from persister.server import build_writer
 from persister.sharding import ShardMap
 from persister.storage.shard_map import (
+    install_in_force,
     install_next_epoch,
     leaving_writers,
     load_or_seed,
@@ -283,7 +284,7 @@ async def test_a_removed_writer_is_leaving_until_its_stored_position_reaches_the
         await draw(conn, 10)
         async with conn.transaction(), conn.cursor() as cur:
             await upsert_stream_position_txn(cur, "events", "p3", 4)
-        _, after = await install_next_epoch(
+        _, after = await install_in_force(
             conn, ("p1", "p2", "p3"), "rendezvous",
             lambda m: msgspec.structs.replace(m, writers=("p1", "p2"), pins={"!r:x": "p9"}),
         )  # fmt: skip

@@ -7,6 +7,8 @@ announced before its COMMIT only ever adds. The minimum never goes back.
 
 from __future__ import annotations
 
+import msgspec
+
 from persister.replication.messages import position_command
 from persister.replication.reader import StreamState
 from persister.replication.shardmap import (
@@ -124,11 +126,14 @@ def test_the_minimum_never_moves_back_across_a_grow_and_a_shrink() -> None:
 
 def test_shardmap_messages_round_trip_and_other_messages_are_not_shardmaps() -> None:
     shard_map = ShardMap(4, ("p1", "p2"), "rendezvous", {"!r:x": "p3"}, 1234)
-    data = encode_announcement(shard_map, in_force=False)
+    data = encode_announcement(shard_map, in_force=True)
     assert data.startswith(b'{"cmd":"' + SHARDMAP.encode() + b'"')
     decoded = decode_announcement(data)
-    assert decoded == announcement(shard_map, in_force=False)
+    assert decoded == announcement(shard_map, in_force=True)
     assert decoded is not None and decoded.shard_map() == shard_map
+    installing = msgspec.structs.replace(shard_map, sequence_at_start=None)
+    early = decode_announcement(encode_announcement(installing, in_force=False))
+    assert early is not None and early.shard_map() == installing
     assert decode_announcement(b'{"cmd":"POSITION","stream":"events"}') is None
     assert decode_announcement(b'{"cmd":"SHARDMAP","epoch":1,"writers":[],"sharding":"x"}') is None
 
