@@ -85,10 +85,11 @@ async def _pool(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _status(args: argparse.Namespace, config: Config) -> int:
-    from persister.status import format_status, gather_status
+    from persister.status import exit_status, format_status, gather_status
 
-    print(format_status(await gather_status(config)))
-    return 0
+    statuses = await gather_status(config)
+    print(format_status(statuses))
+    return exit_status(statuses)
 
 
 async def _reshard(args: argparse.Namespace, config: Config) -> int:

@@ -257,6 +257,11 @@ def _with_lag(rows: list[InstanceStatus], stored: StoredPositions | None) -> lis
 _COLUMNS = ("INSTANCE", "ADDRESS", "UP", "POSITION", "LAG", "QUEUED", "ROOMS", "EVENTS/S")
 
 
+def exit_status(statuses: Sequence[InstanceStatus]) -> int:
+    """1 when an instance did not answer, so that scripts and probes notice."""
+    return 0 if all(s.reachable for s in statuses) else 1
+
+
 def format_status(statuses: Sequence[InstanceStatus]) -> str:
     """A fixed-width table, a summary line above it and notes below it."""
     table = [_COLUMNS, *(_cells(s) for s in statuses)]

@@ -32,6 +32,7 @@ from persister.status import (
     InstanceStatus,
     InstanceStatusBody,
     StoredPositions,
+    exit_status,
     format_status,
     gather_status,
 )
@@ -355,6 +356,18 @@ async def test_status_of_a_silent_instance_shows_its_stored_position_and_why(two
     assert three.sequence == 1300 and three.lag == 120
     assert three.error is not None and "127.0.0.1" in three.error
     assert three.events_per_s is None and three.queued_events is None
+
+
+async def test_status_exits_1_when_an_instance_does_not_answer(two_instances):
+    p1, p2 = two_instances
+    up = await gather_status(
+        pool_config({"p1": p1.port, "p2": p2.port}), interval_s=0, database=None
+    )
+    assert exit_status(up) == 0
+    one_down = await gather_status(
+        pool_config({"p1": p1.port, "p3": free_port()}), interval_s=0, database=None
+    )
+    assert exit_status(one_down) == 1
 
 
 async def test_status_names_an_unreadable_database_on_silent_instances():
