@@ -50,7 +50,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import aiohttp
@@ -78,6 +78,9 @@ _RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 _error_decoder = msgspec.json.Decoder(wire.ErrorBody)
 _shard_map_decoder = msgspec.json.Decoder(ShardMap)
 
+
+# The least time worth starting an attempt with, before the deadline.
+MIN_ATTEMPT_S: Final = 0.02
 
 class ClientError(errors.PersisterError):
     """A persist call failed; `status`, `errcode` and `error` say how."""
@@ -486,7 +489,9 @@ class PersisterClient:
         return outcome.retry_after_s * (1 + self._rng.uniform(0, 0.1))
 
     async def _pause(self, call: _Call, delay: float) -> None:
-        if asyncio.get_running_loop().time() + delay >= call.deadline:
+        # An attempt left with less than MIN_ATTEMPT_S could only time out,
+        # and its timeout would hide the failure that matters (a 421, a 503).
+        if asyncio.get_running_loop().time() + delay + MIN_ATTEMPT_S >= call.deadline:
             raise call.give_up()
         if delay == 0:
             return
