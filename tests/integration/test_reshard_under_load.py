@@ -91,10 +91,11 @@ async def run(
     return result
 
 
-def assert_nothing_broken(result: RunResult) -> None:
+def assert_nothing_broken(result: RunResult, *, writers_added: bool = True) -> None:
     for check in result.checks:
         assert check.ok, str(check)
-        assert check.checked > 0, f"{check.name}: nothing was checked"
+        if writers_added or "new writer" not in check.name:
+            assert check.checked > 0, f"{check.name}: nothing was checked"
     report = result.report
     assert report.client_errors == {}
     assert report.requests_left > 0, "the workload ran dry before the load ended"
@@ -160,7 +161,7 @@ async def test_epoch_changes_that_move_no_room_keep_every_room_going(
         services, tmp_path, scenario("no-move", "rendezvous", SHORT_S), short_workload,
         follow=True,
     )  # fmt: skip
-    assert_nothing_broken(result)
+    assert_nothing_broken(result, writers_added=False)
     for step in reshards(result):
         assert step.rooms_moved == 0 and step.moved.rooms == 0
         assert_rooms_resumed(step, SHORT_PAUSE_LIMIT_MS)
@@ -201,7 +202,7 @@ async def test_the_long_run_meets_the_pause_targets(
 ) -> None:
     chosen = scenario(name, sharding, LONG_S)  # type: ignore[arg-type]
     result = await run(services, tmp_path, chosen, long_workload, follow=True)
-    assert_nothing_broken(result)
+    assert_nothing_broken(result, writers_added=name != "no-move")
     for step in reshards(result):
         assert step.moved.stalled == step.unmoved.stalled == 0
         if name == "kill-reshard" and step is result.report.steps[1]:
