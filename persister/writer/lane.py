@@ -202,6 +202,21 @@ class Lane:
             for request in batch:
                 await self._persist_isolating_failures([request])
 
+    def refuse_moved(self) -> None:
+        """Answer 421 at once for the queued requests whose room a new map
+        gave to another writer: they would learn it only when the lane got to
+        them, a batch or more later, and their new owner may be idle."""
+        instance = self.settings.instance
+        for request in self.queue.take_where(
+            lambda r: self.owners.owner(r.link.room_id) != instance
+        ):
+            self.budget.release(request.event_count, request.size_bytes)
+            if not request.done.done():
+                room_id = request.link.room_id
+                request.done.set_exception(
+                    NotMyShard(room_id, self.owners.owner(room_id), instance)
+                )
+
     def _park_gained(self, batch: list[PendingRequest]) -> list[PendingRequest]:
         """Set aside the requests for rooms this writer gained under an epoch
         not yet in force (and any later request for those rooms, to keep

@@ -70,6 +70,8 @@ class LiveShardMap:
         self._poller: asyncio.Task[None] | None = None
         self._undrained_seen: int | None = None
         self._draining: asyncio.Task[None] | None = None
+        # Called with each newer map as it is adopted.
+        self.on_new_epoch: Callable[[ShardMap], None] | None = None
         self._drain_conn: psycopg.AsyncConnection[Any] | None = None
 
     def owner(self, room_id: str) -> str:
@@ -220,8 +222,11 @@ class LiveShardMap:
                 len(newest.pins),
                 "" if newest.in_force else " (being drained)",
             )
+        epoch_changed = newest.epoch != self.current.epoch
         self.current = newest
         self.draining_from = () if newest.in_force else tuple(routing[:-1])
+        if epoch_changed and self.on_new_epoch is not None:
+            self.on_new_epoch(newest)
 
     async def _poll_forever(self) -> None:
         while True:

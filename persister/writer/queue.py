@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from persister.dag import LinkRequest
@@ -112,6 +113,15 @@ class LaneQueue:
 
     async def wait(self) -> None:
         await self.wakeup.wait()
+
+    def take_where(self, chosen: Callable[[PendingRequest], bool]) -> list[PendingRequest]:
+        """Remove and return the queued requests `chosen` picks, in order."""
+        taken = [request for request in self.pending if chosen(request)]
+        if taken:
+            self.pending = deque(r for r in self.pending if not chosen(r))
+            if not self.pending:
+                self.wakeup.clear()
+        return taken
 
     def park(self, request: PendingRequest) -> None:
         self.parked.append(request)

@@ -25,6 +25,7 @@ from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
 from persister.replication.peers import encode_drawn, follow_peers
 from persister.replication.publisher import Publisher
+from persister.sharding import ShardMap
 from persister.status import InstanceStatusBody
 from persister.storage import streams
 from persister.storage.shard_map import stored_room_ids
@@ -55,6 +56,7 @@ class Writer:
         self.settings = settings
         self.budget = budget
         self.owners = owners
+        owners.on_new_epoch = self._refuse_moved
         self.publisher = publisher
         self.redis_url, self.channel = redis
         self.positions = WriterPositions(self.instance, 0)
@@ -228,6 +230,10 @@ class Writer:
     def _peer_announced(self, position: int) -> None:
         # A rise is announced by the positions' on_advance, at once.
         self.positions.observe(position)
+
+    def _refuse_moved(self, _: ShardMap) -> None:
+        for lane in self.lanes:
+            lane.refuse_moved()
 
     def _shard_map_announced(self) -> None:
         """`persister reshard` announces an install before its COMMIT: a
