@@ -1,9 +1,11 @@
 """Reading and writing the room DAG tables inside one write transaction.
 
 Every function here runs inside a transaction the writer opened (`_txn`
-suffix, cursor first). A batch costs three round trips whatever its size:
-fences and loads pipelined together, the orderings, and one statement that
-writes every table (arrays through `unnest`, bound in binary).
+suffix, cursor first); the writer decides when it begins and ends, and the
+statements that do it live here with the rest of the SQL. A batch costs two
+round trips whatever its size: BEGIN, the fences, the loads and the
+orderings pipelined together, then one statement that writes every table
+(arrays through `unnest`, bound in binary) pipelined with the COMMIT.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from psycopg import AsyncCursor
+from psycopg import AsyncConnection, AsyncCursor
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
 
@@ -29,6 +31,11 @@ SELECT room_id, event_id FROM event_forward_extremities WHERE room_id = ANY(%b)
 SELECT_BACKWARD_EXTREMITIES = """
 SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%b)
 """
+
+# The lane's connection is in autocommit mode, so psycopg never sends a BEGIN
+# of its own (which would cost a round trip): these go in the pipelines.
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
 
 ALLOCATE_FORWARD = "SELECT nextval('events_stream_seq') FROM generate_series(1, %s)"
 ALLOCATE_BACKFILL = "SELECT -nextval('events_backfill_stream_seq') FROM generate_series(1, %s)"
@@ -120,17 +127,30 @@ async def begin_batch_txn(
     room_ids: Sequence[str],
     event_ids: Sequence[str],
     prev_ids: Sequence[str],
-) -> tuple[int, StoredView]:
-    """Pass the fences, then read everything `dag.link_batch` needs, all in
-    one pipelined round trip; returns the shard-map epoch in force and the view."""
+    draw: tuple[int, int],
+) -> tuple[int, StoredView, list[int], list[int]]:
+    """BEGIN, pass the fences, read everything `dag.link_batch` needs and
+    draw orderings, all in one pipelined round trip.
+
+    `draw` is how many forward and backfill orderings to take: as many as
+    the batch could need, for the plan is made only once they are back (the
+    caller finishes the ones it does not use). The server runs the pipeline
+    in order and skips what follows an error, so no ordering is drawn unless
+    both fences passed. Returns the shard-map epoch in force, the view and
+    the forward and backfill orderings.
+    """
     known_ids = list({*event_ids, *prev_ids})
+    forward_count, backfill_count = draw
     conn = cur.connection
     async with conn.pipeline():
+        await conn.execute(BEGIN)
         c_fence = await conn.execute(FENCE, fence)
         c_events = await conn.execute(SELECT_STORED_EVENTS, (known_ids,))
         c_rooms = await conn.execute(SELECT_ROOM_VERSIONS, (list(room_ids),))
         c_forward = await conn.execute(SELECT_FORWARD_EXTREMITIES, (list(room_ids),))
         c_backward = await conn.execute(SELECT_BACKWARD_EXTREMITIES, (known_ids,))
+        c_draw_forward = await _draw(conn, ALLOCATE_FORWARD, forward_count)
+        c_draw_backfill = await _draw(conn, ALLOCATE_BACKFILL, backfill_count)
     fence_row = await c_fence.fetchone()
     assert fence_row is not None
     events = {
@@ -141,7 +161,7 @@ async def begin_batch_txn(
     for room_id, event_id in await c_forward.fetchall():
         forward.setdefault(room_id, set()).add(event_id)
     backward = {(r, e) for r, e in await c_backward.fetchall()}
-    return fence_row[0], StoredView(
+    view = StoredView(
         events=events,
         room_versions=dict(await c_rooms.fetchall()),
         forward_extremities=forward,
@@ -153,22 +173,22 @@ async def begin_batch_txn(
         # "is a backward extremity": no join over event_edges is needed.
         referenced={event_id for _, event_id in backward},
     )
+    return fence_row[0], view, await _drawn(c_draw_forward), await _drawn(c_draw_backfill)
 
 
-async def allocate_orderings_txn(
-    cur: Cursor, forward: int, backfill: int
-) -> tuple[list[int], list[int]]:
-    """Take orderings from the shared sequences; they are not transactional,
-    so a rollback leaves a gap that the position tracker treats as finished."""
-    forward_ids: list[int] = []
-    backfill_ids: list[int] = []
-    if forward:
-        await cur.execute(ALLOCATE_FORWARD, (forward,))
-        forward_ids = [row[0] for row in await cur.fetchall()]
-    if backfill:
-        await cur.execute(ALLOCATE_BACKFILL, (backfill,))
-        backfill_ids = [row[0] for row in await cur.fetchall()]
-    return forward_ids, backfill_ids
+async def _draw(conn: AsyncConnection[Any], query: str, count: int) -> Cursor | None:
+    """Orderings come from the shared sequences, which are not transactional:
+    a rollback leaves a gap that the position tracker treats as finished."""
+    return await conn.execute(query, (count,)) if count else None
+
+
+async def _drawn(cur: Cursor | None) -> list[int]:
+    return [] if cur is None else [row[0] for row in await cur.fetchall()]
+
+
+async def commit_txn(cur: Cursor) -> None:
+    """Queue the COMMIT; inside the writer's pipeline it leaves with the write."""
+    await cur.execute(COMMIT)
 
 
 async def write_plan_txn(
