@@ -3,9 +3,10 @@
 Every function here runs inside a transaction the writer opened (`_txn`
 suffix, cursor first); the writer decides when it begins and ends, and the
 statements that do it live here with the rest of the SQL. A batch costs two
-round trips whatever its size: BEGIN, the fences, the loads and the
-orderings pipelined together, then one statement that writes every table
-(arrays through `unnest`, bound in binary) pipelined with the COMMIT.
+round trips whatever its size: BEGIN, the fences, and one statement that
+loads what linking needs and draws the orderings, pipelined together; then
+one statement that writes every table (arrays through `unnest`, bound in
+binary) pipelined with the COMMIT.
 """
 
 from __future__ import annotations
@@ -13,32 +14,45 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor
+from psycopg import AsyncCursor
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
 
 Cursor = AsyncCursor[Any]
 
-SELECT_STORED_EVENTS = """
-SELECT event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
+# Everything `dag.link_batch` needs, and the batch's orderings, in ONE
+# statement: every statement of a pipeline costs a message exchange, a parse
+# and a plan at the server and a send at the client, so five loads and two
+# draws made seven. Each row says what it is in its first column (the LOAD_*
+# kinds below); an Append runs its branches in order. Orderings come from the
+# shared sequences, which are not transactional: a rollback leaves a gap that
+# the position tracker treats as finished.
+LOAD_BATCH = """
+SELECT 0, event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
        topological_ordering
-FROM events WHERE event_id = ANY(%b)
+FROM events WHERE event_id = ANY(%(known)b::text[])
+UNION ALL
+SELECT 1, room_id, room_version, NULL, NULL, NULL, NULL
+FROM rooms WHERE room_id = ANY(%(rooms)b::text[])
+UNION ALL
+SELECT 2, room_id, event_id, NULL, NULL, NULL, NULL
+FROM event_forward_extremities WHERE room_id = ANY(%(rooms)b::text[])
+UNION ALL
+SELECT 3, room_id, event_id, NULL, NULL, NULL, NULL
+FROM event_backward_extremities WHERE event_id = ANY(%(known)b::text[])
+UNION ALL
+SELECT 4, NULL, NULL, NULL, NULL, nextval('events_stream_seq'), NULL
+FROM generate_series(1, %(forward)s::int)
+UNION ALL
+SELECT 5, NULL, NULL, NULL, NULL, -nextval('events_backfill_stream_seq'), NULL
+FROM generate_series(1, %(backfill)s::int)
 """
-SELECT_ROOM_VERSIONS = "SELECT room_id, room_version FROM rooms WHERE room_id = ANY(%b)"
-SELECT_FORWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_forward_extremities WHERE room_id = ANY(%b)
-"""
-SELECT_BACKWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%b)
-"""
+LOAD_EVENT, LOAD_ROOM, LOAD_FORWARD, LOAD_BACKWARD, DRAWN_FORWARD, DRAWN_BACKFILL = range(6)
 
 # The lane's connection is in autocommit mode, so psycopg never sends a BEGIN
 # of its own (which would cost a round trip): these go in the pipelines.
 BEGIN = "BEGIN"
 COMMIT = "COMMIT"
-
-ALLOCATE_FORWARD = "SELECT nextval('events_stream_seq') FROM generate_series(1, %s)"
-ALLOCATE_BACKFILL = "SELECT -nextval('events_backfill_stream_seq') FROM generate_series(1, %s)"
 
 # Every write of a batch in one statement: one round trip and one parse,
 # whatever the batch holds (empty arrays insert nothing). Sub-statements of
@@ -139,31 +153,43 @@ async def begin_batch_txn(
     both fences passed. Returns the shard-map epoch in force, the view and
     the forward and backfill orderings.
     """
-    known_ids = list({*event_ids, *prev_ids})
-    forward_count, backfill_count = draw
+    params = {
+        "known": list({*event_ids, *prev_ids}),
+        "rooms": list(room_ids),
+        "forward": draw[0],
+        "backfill": draw[1],
+    }
     conn = cur.connection
     async with conn.pipeline():
         await conn.execute(BEGIN)
         c_fence = await conn.execute(FENCE, fence)
-        c_events = await conn.execute(SELECT_STORED_EVENTS, (known_ids,))
-        c_rooms = await conn.execute(SELECT_ROOM_VERSIONS, (list(room_ids),))
-        c_forward = await conn.execute(SELECT_FORWARD_EXTREMITIES, (list(room_ids),))
-        c_backward = await conn.execute(SELECT_BACKWARD_EXTREMITIES, (known_ids,))
-        c_draw_forward = await _draw(conn, ALLOCATE_FORWARD, forward_count)
-        c_draw_backfill = await _draw(conn, ALLOCATE_BACKFILL, backfill_count)
+        c_load = await conn.execute(LOAD_BATCH, params)
     fence_row = await c_fence.fetchone()
     assert fence_row is not None
-    events = {
-        row[0]: StoredEvent(row[1], row[2], row[3], row[4], row[5])
-        for row in await c_events.fetchall()
-    }
+    view, drawn = _view(await c_load.fetchall())
+    return fence_row[0], view, drawn[DRAWN_FORWARD], drawn[DRAWN_BACKFILL]
+
+
+def _view(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, list[int]]]:
+    events: dict[str, StoredEvent] = {}
+    room_versions: dict[str, str] = {}
     forward: dict[str, set[str]] = {}
-    for room_id, event_id in await c_forward.fetchall():
-        forward.setdefault(room_id, set()).add(event_id)
-    backward = {(r, e) for r, e in await c_backward.fetchall()}
+    backward: set[tuple[str, str]] = set()
+    drawn: dict[int, list[int]] = {DRAWN_FORWARD: [], DRAWN_BACKFILL: []}
+    for kind, a, b, outlier, rejected, ordering, depth in rows:
+        if kind == LOAD_EVENT:
+            events[a] = StoredEvent(b, outlier, rejected, ordering, depth)
+        elif kind == LOAD_ROOM:
+            room_versions[a] = b
+        elif kind == LOAD_FORWARD:
+            forward.setdefault(a, set()).add(b)
+        elif kind == LOAD_BACKWARD:
+            backward.add((a, b))
+        else:
+            drawn[kind].append(ordering)
     view = StoredView(
         events=events,
-        room_versions=dict(await c_rooms.fetchall()),
+        room_versions=room_versions,
         forward_extremities=forward,
         backward_extremities=backward,
         # A stored non-outlier, non-rejected event that lists a prev it
@@ -173,17 +199,7 @@ async def begin_batch_txn(
         # "is a backward extremity": no join over event_edges is needed.
         referenced={event_id for _, event_id in backward},
     )
-    return fence_row[0], view, await _drawn(c_draw_forward), await _drawn(c_draw_backfill)
-
-
-async def _draw(conn: AsyncConnection[Any], query: str, count: int) -> Cursor | None:
-    """Orderings come from the shared sequences, which are not transactional:
-    a rollback leaves a gap that the position tracker treats as finished."""
-    return await conn.execute(query, (count,)) if count else None
-
-
-async def _drawn(cur: Cursor | None) -> list[int]:
-    return [] if cur is None else [row[0] for row in await cur.fetchall()]
+    return view, drawn
 
 
 async def commit_txn(cur: Cursor) -> None:
