@@ -120,13 +120,20 @@ new_backward AS (
     SELECT * FROM unnest(%(backward_new_rooms)b::text[], %(backward_new_events)b::text[])
     ON CONFLICT DO NOTHING
 ),
--- In the same transaction as the events, and never backwards.
+-- In the same transaction as the events, and never backwards. The row is a
+-- promise, so a lower value is still true: when another lane of this writer
+-- holds it (its transaction has not ended), skip it rather than wait for that
+-- COMMIT, which made the lanes commit one after the other. The holder, the
+-- next batch or the heartbeat moves it on. The row exists from the writer's
+-- start (streams.recover_position).
 position AS (
-    INSERT INTO stream_positions (stream_name, instance_name, stream_id)
-    SELECT 'events', %(instance)s, p FROM (VALUES (%(position)s::bigint)) AS v(p)
-    WHERE p IS NOT NULL
-    ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id
-    WHERE stream_positions.stream_id < EXCLUDED.stream_id
+    UPDATE stream_positions SET stream_id = %(position)s::bigint
+    WHERE (stream_name, instance_name) IN (
+        SELECT stream_name, instance_name FROM stream_positions
+        WHERE stream_name = 'events' AND instance_name = %(instance)s
+          AND stream_id < %(position)s::bigint
+        FOR UPDATE SKIP LOCKED
+    ) AND stream_id < %(position)s::bigint
 )
 SELECT 1
 """
