@@ -1,9 +1,12 @@
 """Reading and writing the room DAG tables inside one write transaction.
 
 Every function here runs inside a transaction the writer opened (`_txn`
-suffix, cursor first). A batch costs three round trips whatever its size:
-fences and loads pipelined together, the orderings, and one statement that
-writes every table (arrays through `unnest`, bound in binary).
+suffix, cursor first); the writer decides when it begins and ends, and the
+statements that do it live here with the rest of the SQL. A batch costs two
+round trips whatever its size: BEGIN, the fences, and one statement that
+loads what linking needs and draws the orderings, pipelined together; then
+one statement that writes every table (arrays through `unnest`, bound in
+binary) pipelined with the COMMIT.
 """
 
 from __future__ import annotations
@@ -18,21 +21,39 @@ from persister.storage.shard_map import Fenced, fenced_from_row
 
 Cursor = AsyncCursor[Any]
 
-SELECT_STORED_EVENTS = """
-SELECT event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
+# Everything `dag.link_batch` needs, and the batch's orderings, in ONE
+# statement: every statement of a pipeline costs a message exchange, a parse
+# and a plan at the server and a send at the client, so five loads and two
+# draws made seven. Each row says what it is in its first column (the LOAD_*
+# kinds below); an Append runs its branches in order. Orderings come from the
+# shared sequences, which are not transactional: a rollback leaves a gap that
+# the position tracker treats as finished.
+LOAD_BATCH = """
+SELECT 0, event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
        topological_ordering
-FROM events WHERE event_id = ANY(%b)
+FROM events WHERE event_id = ANY(%(known)b::text[])
+UNION ALL
+SELECT 1, room_id, room_version, NULL, NULL, NULL, NULL
+FROM rooms WHERE room_id = ANY(%(rooms)b::text[])
+UNION ALL
+SELECT 2, room_id, event_id, NULL, NULL, NULL, NULL
+FROM event_forward_extremities WHERE room_id = ANY(%(rooms)b::text[])
+UNION ALL
+SELECT 3, room_id, event_id, NULL, NULL, NULL, NULL
+FROM event_backward_extremities WHERE event_id = ANY(%(known)b::text[])
+UNION ALL
+SELECT 4, NULL, NULL, NULL, NULL, nextval('events_stream_seq'), NULL
+FROM generate_series(1, %(forward)s::int)
+UNION ALL
+SELECT 5, NULL, NULL, NULL, NULL, -nextval('events_backfill_stream_seq'), NULL
+FROM generate_series(1, %(backfill)s::int)
 """
-SELECT_ROOM_VERSIONS = "SELECT room_id, room_version FROM rooms WHERE room_id = ANY(%b)"
-SELECT_FORWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_forward_extremities WHERE room_id = ANY(%b)
-"""
-SELECT_BACKWARD_EXTREMITIES = """
-SELECT room_id, event_id FROM event_backward_extremities WHERE event_id = ANY(%b)
-"""
+LOAD_EVENT, LOAD_ROOM, LOAD_FORWARD, LOAD_BACKWARD, DRAWN_FORWARD, DRAWN_BACKFILL = range(6)
 
-ALLOCATE_FORWARD = "SELECT nextval('events_stream_seq') FROM generate_series(1, %s)"
-ALLOCATE_BACKFILL = "SELECT -nextval('events_backfill_stream_seq') FROM generate_series(1, %s)"
+# The lane's connection is in autocommit mode, so psycopg never sends a BEGIN
+# of its own (which would cost a round trip): these go in the pipelines.
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
 
 # Every write of a batch in one statement: one round trip and one parse,
 # whatever the batch holds (empty arrays insert nothing). Sub-statements of
@@ -100,13 +121,20 @@ new_backward AS (
     SELECT * FROM unnest(%(backward_new_rooms)b::text[], %(backward_new_events)b::text[])
     ON CONFLICT DO NOTHING
 ),
--- In the same transaction as the events, and never backwards.
+-- In the same transaction as the events, and never backwards. The row is a
+-- promise, so a lower value is still true: when another lane of this writer
+-- holds it (its transaction has not ended), skip it rather than wait for that
+-- COMMIT, which made the lanes commit one after the other. The holder, the
+-- next batch or the heartbeat moves it on. The row exists from the writer's
+-- start (streams.recover_position).
 position AS (
-    INSERT INTO stream_positions (stream_name, instance_name, stream_id)
-    SELECT 'events', %(instance)s, p FROM (VALUES (%(position)s::bigint)) AS v(p)
-    WHERE p IS NOT NULL
-    ON CONFLICT (stream_name, instance_name) DO UPDATE SET stream_id = EXCLUDED.stream_id
-    WHERE stream_positions.stream_id < EXCLUDED.stream_id
+    UPDATE stream_positions SET stream_id = %(position)s::bigint
+    WHERE (stream_name, instance_name) IN (
+        SELECT stream_name, instance_name FROM stream_positions
+        WHERE stream_name = 'events' AND instance_name = %(instance)s
+          AND stream_id < %(position)s::bigint
+        FOR UPDATE SKIP LOCKED
+    ) AND stream_id < %(position)s::bigint
 )
 SELECT 1
 """
@@ -121,31 +149,55 @@ async def begin_batch_txn(
     room_ids: Sequence[str],
     event_ids: Sequence[str],
     prev_ids: Sequence[str],
-) -> tuple[Fenced, StoredView]:
-    """Pass the fences, then read everything `dag.link_batch` needs, all in
-    one pipelined round trip; returns what the shard-map fence found, and
-    the view."""
-    known_ids = list({*event_ids, *prev_ids})
+    draw: tuple[int, int],
+) -> tuple[Fenced, StoredView, list[int], list[int]]:
+    """BEGIN, pass the fences, read everything `dag.link_batch` needs and
+    draw orderings, all in one pipelined round trip.
+
+    `draw` is how many forward and backfill orderings to take: as many as
+    the batch could need, for the plan is made only once they are back (the
+    caller finishes the ones it does not use). The server runs the pipeline
+    in order and skips what follows an error, so no ordering is drawn unless
+    both fences passed. Returns what the shard-map fence found, the view and
+    the forward and backfill orderings.
+    """
+    params = {
+        "known": list({*event_ids, *prev_ids}),
+        "rooms": list(room_ids),
+        "forward": draw[0],
+        "backfill": draw[1],
+    }
     conn = cur.connection
     async with conn.pipeline():
+        await conn.execute(BEGIN)
         c_fence = await conn.execute(FENCE, fence)
-        c_events = await conn.execute(SELECT_STORED_EVENTS, (known_ids,))
-        c_rooms = await conn.execute(SELECT_ROOM_VERSIONS, (list(room_ids),))
-        c_forward = await conn.execute(SELECT_FORWARD_EXTREMITIES, (list(room_ids),))
-        c_backward = await conn.execute(SELECT_BACKWARD_EXTREMITIES, (known_ids,))
+        c_load = await conn.execute(LOAD_BATCH, params)
     fence_row = await c_fence.fetchone()
     assert fence_row is not None
-    events = {
-        row[0]: StoredEvent(row[1], row[2], row[3], row[4], row[5])
-        for row in await c_events.fetchall()
-    }
+    view, drawn = _view(await c_load.fetchall())
+    return fenced_from_row(fence_row), view, drawn[DRAWN_FORWARD], drawn[DRAWN_BACKFILL]
+
+
+def _view(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, list[int]]]:
+    events: dict[str, StoredEvent] = {}
+    room_versions: dict[str, str] = {}
     forward: dict[str, set[str]] = {}
-    for room_id, event_id in await c_forward.fetchall():
-        forward.setdefault(room_id, set()).add(event_id)
-    backward = {(r, e) for r, e in await c_backward.fetchall()}
-    return fenced_from_row(fence_row), StoredView(
+    backward: set[tuple[str, str]] = set()
+    drawn: dict[int, list[int]] = {DRAWN_FORWARD: [], DRAWN_BACKFILL: []}
+    for kind, a, b, outlier, rejected, ordering, depth in rows:
+        if kind == LOAD_EVENT:
+            events[a] = StoredEvent(b, outlier, rejected, ordering, depth)
+        elif kind == LOAD_ROOM:
+            room_versions[a] = b
+        elif kind == LOAD_FORWARD:
+            forward.setdefault(a, set()).add(b)
+        elif kind == LOAD_BACKWARD:
+            backward.add((a, b))
+        else:
+            drawn[kind].append(ordering)
+    view = StoredView(
         events=events,
-        room_versions=dict(await c_rooms.fetchall()),
+        room_versions=room_versions,
         forward_extremities=forward,
         backward_extremities=backward,
         # A stored non-outlier, non-rejected event that lists a prev it
@@ -155,22 +207,12 @@ async def begin_batch_txn(
         # "is a backward extremity": no join over event_edges is needed.
         referenced={event_id for _, event_id in backward},
     )
+    return view, drawn
 
 
-async def allocate_orderings_txn(
-    cur: Cursor, forward: int, backfill: int
-) -> tuple[list[int], list[int]]:
-    """Take orderings from the shared sequences; they are not transactional,
-    so a rollback leaves a gap that the position tracker treats as finished."""
-    forward_ids: list[int] = []
-    backfill_ids: list[int] = []
-    if forward:
-        await cur.execute(ALLOCATE_FORWARD, (forward,))
-        forward_ids = [row[0] for row in await cur.fetchall()]
-    if backfill:
-        await cur.execute(ALLOCATE_BACKFILL, (backfill,))
-        backfill_ids = [row[0] for row in await cur.fetchall()]
-    return forward_ids, backfill_ids
+async def commit_txn(cur: Cursor) -> None:
+    """Queue the COMMIT; inside the writer's pipeline it leaves with the write."""
+    await cur.execute(COMMIT)
 
 
 async def write_plan_txn(

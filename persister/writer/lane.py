@@ -2,9 +2,10 @@
 
 Rooms are spread over lanes by a stable hash, so one slow transaction only
 holds back the rooms of its own lane. Each loop iteration drains whatever
-its queue holds (up to `max_batch_events`) into ONE transaction, allocates
-stream orderings as late as it can inside it, and acknowledges every request
-of the batch only after COMMIT.
+its queue holds (up to `max_batch_events`) into ONE transaction of two round
+trips (BEGIN, fences, loads and enough stream orderings for every event of
+the batch; then the write and the COMMIT), and acknowledges every request of
+the batch only after COMMIT.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 
 from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
 from persister.errors import (
@@ -39,6 +41,8 @@ from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
 
 logger = logging.getLogger(__name__)
+
+IDLE = TransactionStatus.IDLE
 
 # A lane that lost its connection tries again after these delays (doubling).
 RECONNECT_INITIAL_S = 0.1
@@ -127,6 +131,10 @@ class Lane:
             # kept for the connection's life and slow every batch as the
             # table grows, if statistics lag (autovacuum off or behind).
             prepare_threshold=None,
+            # Transactions are begun and committed by explicit statements in
+            # the batch's pipelines (persister.storage.events_txn), not by
+            # psycopg, whose implicit BEGIN would cost a round trip of its own.
+            autocommit=True,
         )
 
     async def close(self) -> None:
@@ -173,7 +181,6 @@ class Lane:
         try:
             async with asyncio.timeout(IDLE_CHECK_TIMEOUT_S):
                 await self.connection.execute("SELECT 1")
-                await self.connection.rollback()  # end the transaction it began
         except (psycopg.OperationalError, TimeoutError) as exc:
             logger.warning("idle database connection is unusable: %s", exc or "no answer")
             await self._drop_connection()
@@ -318,15 +325,19 @@ class Lane:
                 logger.info("lane reconnected to the database")
 
     async def _persist(self, batch: list[PendingRequest]) -> None:
-        assert self.connection is not None
+        conn = self.connection
+        assert conn is not None
         started = time.perf_counter()
-        # Filled as soon as orderings are allocated, so that a rollback at
-        # any later point still finishes them and no gap stalls the position.
+        # Filled as soon as orderings are drawn, so that a rollback at any
+        # later point still finishes them and no gap stalls the position.
         allocated: list[int] = []
-        backend_pid = self.connection.info.backend_pid
+        backend_pid = conn.info.backend_pid
         try:
-            async with self.connection.transaction():
+            # Two round trips: BEGIN + fences + loads + orderings (inside
+            # _write_batch), then the write and the COMMIT together.
+            async with conn.pipeline():
                 plan, assigned, extremities = await self._write_batch(batch, allocated)
+                await events_txn.commit_txn(conn.cursor())
         except psycopg.OperationalError:
             if allocated:
                 # The COMMIT may still land: answer now (a retry is safe), and
@@ -339,7 +350,12 @@ class Lane:
                 await self._settle_lost(backend_pid, allocated)
             raise
         except BaseException:
-            self.positions.finish(allocated)  # rolled back: they can never commit
+            try:
+                await self._end_failed_transaction()
+            finally:
+                # The server answered (or the COMMIT was never sent): rolled
+                # back, they can never commit.
+                self.positions.finish(allocated)
             raise
         self.positions.finish(allocated)
         # No await between finish() and handing the rows to the publisher:
@@ -348,21 +364,37 @@ class Lane:
         self._acknowledge(batch, plan, assigned)
         await self.on_commit(_committed(plan, assigned, elapsed, extremities))
 
+    async def _end_failed_transaction(self) -> None:
+        """Roll back what a failed batch left open, so the connection can serve
+        the next one (the lane's connection is in autocommit mode: nothing
+        ends a transaction but this or COMMIT)."""
+        conn = self.connection
+        if conn is not None and not conn.closed and conn.info.transaction_status != IDLE:
+            await conn.rollback()
+
     async def _write_batch(
         self, batch: list[PendingRequest], allocated: list[int]
     ) -> tuple[BatchPlan, dict[str, int], list[int]]:
+        """Begin the transaction and queue its write (in the caller's pipeline)."""
         assert self.connection is not None
         cur = self.connection.cursor()
         assert self.liveness.epoch is not None
         # Both fences come before any ordering is drawn (see persister.liveness
         # and persister.storage.shard_map for why that order matters).
         fence = (FENCE_NS, self.settings.instance, self.liveness.epoch, self.owners.epoch)
+        token = self.positions.begin_fetch()
         try:
-            fenced, view = await events_txn.begin_batch_txn(cur, fence, *_batch_ids(batch))
-        except psycopg.Error as exc:
-            if exc.sqlstate == FENCED_OUT:
+            fenced, view, forward, backfill = await events_txn.begin_batch_txn(
+                cur, fence, *_batch_ids(batch), _most_orderings(batch)
+            )
+        except BaseException as exc:
+            # Whatever was drawn belongs to a transaction that never commits.
+            self.positions.abandon_fetch(token)
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == FENCED_OUT:
                 raise FencedOut(f"instance {self.settings.instance} was taken over") from exc
             raise
+        self.positions.end_fetch(token, forward)
+        allocated.extend(forward)
         # Each request was checked against the map when it arrived; a poll or
         # another request's 421 may have moved the map on since, so the rooms
         # are checked again under the epoch this transaction has fenced.
@@ -376,16 +408,12 @@ class Lane:
             raise EpochChanged()  # not yet in force: `_reroute` parks those requests
         plan = link_batch(view, [request.link for request in batch])
         forward_count = plan.new_backfilled.count(False)
-        token = self.positions.begin_fetch()
-        try:
-            forward, backfill = await events_txn.allocate_orderings_txn(
-                cur, forward_count, len(plan.new_backfilled) - forward_count
-            )
-        except BaseException:
-            self.positions.abandon_fetch(token)
-            raise
-        self.positions.end_fetch(token, forward)
-        allocated.extend(forward)
+        # Drawn for events that turned out to be duplicates or invalid: no
+        # row will ever hold them, so they are holes from now on.
+        spare = allocated[forward_count:]
+        del allocated[forward_count:]
+        self.positions.finish(spare)
+        forward = allocated
         orderings = _interleave(plan.new_backfilled, forward, backfill)
         position = self.positions.position_if_finished(forward) if forward else None
         await events_txn.write_plan_txn(
@@ -463,6 +491,17 @@ def _batch_ids(batch: Sequence[PendingRequest]) -> tuple[list[str], list[str], l
             event_ids.append(event.event_id)
             prev_ids.extend(event.prev_event_ids)
     return list(rooms), event_ids, prev_ids
+
+
+def _most_orderings(batch: Sequence[PendingRequest]) -> tuple[int, int]:
+    """Forward and backfill orderings enough for every event of the batch."""
+    forward = backfill = 0
+    for request in batch:
+        if request.link.backfilled:
+            backfill += request.event_count
+        else:
+            forward += request.event_count
+    return forward, backfill
 
 
 def _interleave(backfilled: Sequence[bool], forward: list[int], backfill: list[int]) -> list[int]:

@@ -98,7 +98,7 @@ class PgProxy:
             is_lane = _application_name(startup).startswith(LANE_PREFIX) and (
                 b":" not in _application_name(startup)[len(LANE_PREFIX) :]
             )
-            drew = False
+            drew = committing = False
             while not client_r.at_eof():  # readexactly raises at the end anyway
                 kind = await client_r.readexactly(1)
                 (length,) = struct.unpack("!i", await client_r.readexactly(4))
@@ -106,11 +106,18 @@ class PgProxy:
                 drew = drew or DRAWS_ORDERINGS in body
                 server_w.write(kind + struct.pack("!i", length) + body)
                 await server_w.drain()
-                if kind == b"Q" and body[:8].upper() in (b"COMMIT\x00", b"ROLLBACK"):
-                    if is_lane and drew and body.startswith(b"COMMIT") and self._armed_refuse_s:
+                # A COMMIT comes as a simple query, or (in a pipeline) as a
+                # Parse whose Execute runs at the next Sync at the latest.
+                ending = _ends_transaction(kind, body)
+                if ending == b"COMMIT" and kind == b"P":
+                    committing = True
+                    continue
+                if ending == b"COMMIT" or (committing and kind == b"S"):
+                    if is_lane and drew and self._armed_refuse_s:
                         self._lose_answer(client_w, cut)
                         return
-                    drew = False
+                if ending is not None or (committing and kind == b"S"):
+                    drew = committing = False
 
     def _lose_answer(self, client_w: asyncio.StreamWriter, cut: asyncio.Event) -> None:
         assert self._armed_refuse_s is not None
@@ -131,6 +138,21 @@ async def _relay_unless(
                 continue
             writer.write(data)
             await writer.drain()
+
+
+def _ends_transaction(kind: bytes, body: bytes) -> bytes | None:
+    """b"COMMIT" or b"ROLLBACK" for a simple query or a Parse (of the unnamed
+    statement, as psycopg sends without prepared statements) of one."""
+    if kind == b"Q":
+        query = body
+    elif kind == b"P" and body[:1] == b"\x00":
+        query = body[1:]
+    else:
+        return None
+    for command in (b"COMMIT", b"ROLLBACK"):
+        if query[: len(command) + 1].upper() == command + b"\x00":
+            return command
+    return None
 
 
 def _application_name(startup: bytes) -> bytes:
