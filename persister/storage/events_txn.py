@@ -25,13 +25,19 @@ Cursor = AsyncCursor[Any]
 # statement: every statement of a pipeline costs a message exchange, a parse
 # and a plan at the server and a send at the client, so five loads and two
 # draws made seven. Each row says what it is in its first column (the LOAD_*
-# kinds below); an Append runs its branches in order. Orderings come from the
+# kinds below); an Append runs its branches in order. `events` is probed by
+# its unique index once per ID (OFFSET 0 keeps the planner from turning the
+# probes into a hash join over a sequential scan, which it prefers for a few
+# hundred IDs whatever the table's size when statistics are missing or
+# stale: a scan of the whole table per batch). Orderings come from the
 # shared sequences, which are not transactional: a rollback leaves a gap that
 # the position tracker treats as finished.
 LOAD_BATCH = """
-SELECT 0, event_id, room_id, outlier, rejection_reason IS NOT NULL, stream_ordering,
-       topological_ordering
-FROM events WHERE event_id = ANY(%(known)b::text[])
+SELECT 0, e.*
+FROM unnest(%(known)b::text[]) AS k(id),
+     LATERAL (SELECT event_id, room_id, outlier, rejection_reason IS NOT NULL,
+                     stream_ordering, topological_ordering
+              FROM events WHERE event_id = k.id OFFSET 0) AS e
 UNION ALL
 SELECT 1, room_id, room_version, NULL, NULL, NULL, NULL
 FROM rooms WHERE room_id = ANY(%(rooms)b::text[])
