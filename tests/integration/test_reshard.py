@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from persister.http.app import build_app
-from persister.reshard import with_pin, with_writers
+from persister.reshard import reshard_main, with_pin, with_writers
 from persister.server import build_writer
 from persister.sharding import ShardMap
 from persister.storage.shard_map import (
@@ -174,8 +174,7 @@ def _drop_p2(current: ShardMap) -> ShardMap:
 
 
 async def _seeded(database_url: str) -> None:
-    async with await psycopg.AsyncConnection.connect(database_url) as setup:
-        await load_or_seed(setup, ("p1", "p2"), "sha256")
+    await _seeded_with(database_url, ("p1", "p2"))
 
 
 async def _draw_ordering(conn: psycopg.AsyncConnection[Any]) -> int:
@@ -279,3 +278,33 @@ async def test_concurrent_first_starts_seed_a_single_epoch(database_url: str) ->
 
     maps = await asyncio.gather(*(seed() for _ in range(4)))
     assert {m.epoch for m in maps} == {1}
+
+
+async def test_the_reshard_command_puts_an_epoch_in_force_shows_it_and_finishes_an_interrupted_one(
+    database_url: str, redis_url: str, redis_channel: str
+) -> None:
+    config = make_config(database_url, redis_url, redis_channel, **POOL)
+    await _seeded_with(database_url, ("persister1", "persister2"))
+    said = await reshard_main(config, "persister1,persister2,persister3", None, None, False)
+    assert said.startswith("epoch 2 in force: writers persister1,persister2,persister3")
+    shown = await reshard_main(config, None, None, None, True)
+    assert shown.splitlines()[0].startswith("epoch 2 (sha256), in force since stream position")
+    again = await reshard_main(config, "persister1,persister2,persister3", None, None, False)
+    assert again.startswith("epoch 2 unchanged")
+    # Installed by a reshard that died before draining it:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await install_next_epoch(
+            conn, ("persister1", "persister2"), "sha256", with_writers(config, ["persister1"])
+        )
+    shown = await reshard_main(config, None, None, None, True)
+    assert "being drained" in shown.splitlines()[0]
+    finished = await reshard_main(config, "persister1", None, None, False)
+    assert finished.startswith("epoch 3 (left installed by an interrupted reshard) in force")
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        current = await load_shard_map(conn)
+    assert current is not None and current.in_force and current.writers == ("persister1",)
+
+
+async def _seeded_with(database_url: str, writers: tuple[str, ...]) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url) as setup:
+        await load_or_seed(setup, writers, "sha256")
