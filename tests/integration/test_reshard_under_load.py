@@ -210,7 +210,8 @@ async def test_the_long_run_meets_the_pause_targets(
             # answerable only for how soon they resumed.
             assert step.moved.resume_p99_ms <= TARGET_PAUSE_P99_MS, f"{step.step}: {step.moved}"
             continue
-        assert step.moved.pause_p99_ms <= TARGET_PAUSE_P99_MS, f"{step.step}: {step.moved}"
+        if step.moved.rooms:
+            assert step.moved.pause_p99_ms <= TARGET_PAUSE_P99_MS, f"{step.step}: {step.moved}"
         noise = result.report.control.pause_p99_ms + result.report.baseline.gap_p50_ms
         assert step.unmoved.pause_p50_ms <= noise, f"{step.step}: {step.unmoved}"
     if name == "grow-shrink" and sharding == "rendezvous":
