@@ -7,8 +7,10 @@ Protocol (contract section 7; SQL in migrations/0005_epoch_drain.sql):
   from then on; it is not yet *in force*.
 - Every write transaction first calls `shard_map_fence(routed_epoch)`
   (inside `persister_fence`, with the liveness fence): it takes the advisory
-  lock (namespace, routed_epoch) SHARED and then reads the newest epoch. The
-  writer rolls back and reroutes if that is not the epoch it routed by.
+  lock (namespace, routed_epoch) SHARED and then reads the newest epoch. If
+  that is newer, it takes that epoch's lock too and returns its map: the
+  writer carries on under it when none of the batch's rooms moved, and
+  rolls back and reroutes otherwise.
 - The epoch is *drained* (`drain_epoch`, SQL `shard_map_drain`): once no
   transaction holds the lock of an epoch since the last one in force (each
   taken exclusively, by try-lock), the sequence position is recorded as its
@@ -19,10 +21,9 @@ Protocol (contract section 7; SQL in migrations/0005_epoch_drain.sql):
   the new owner writes the room.
 
 So rooms that do not move never wait on a lock: transactions of the new
-epoch hold a different lock from those the drain waits for. A writer that
-has not yet seen the new epoch loses one attempt (its fence reads the new
-epoch) and reroutes; it hears of installs on the Redis channel, so that is
-rare. Moved rooms wait for the old owner's transactions in flight.
+epoch hold a different lock from those the drain waits for, and a
+transaction begun under the old epoch carries on under the new one. Moved
+rooms wait for the old owner's transactions in flight.
 
 Because orderings are drawn after the fence, `sequence_at_start` still
 splits the stream exactly: every event of an old owner's transaction has an
@@ -33,8 +34,9 @@ its room under the in-force epoch whose `(start, next start]` holds its
 ordering, and a writer that a new epoch removed commits nothing above it.
 
 `SHARD_MAP_LOCK` now only orders installs: each install holds it
-exclusively until its COMMIT, and `load_shard_map_fenced` takes it shared to
-wait out an install whose announcement its caller may have missed.
+exclusively until its COMMIT, and `load_routing_fenced` / `load_maps_fenced`
+take it shared to wait out an install whose announcement their caller may
+have missed.
 """
 
 from __future__ import annotations
@@ -56,32 +58,25 @@ FENCE: Final = "SELECT * FROM shard_map_fence(%s)"
 DRAIN: Final = "SELECT shard_map_drain(%s)"
 LOCK_SHARED: Final = "SELECT pg_advisory_xact_lock_shared(%s)"
 LOCK_EXCLUSIVE: Final = "SELECT pg_advisory_xact_lock(%s)"
-SELECT_CURRENT: Final = """
-SELECT epoch, writers, sharding, sequence_at_start
-FROM shard_map_epochs ORDER BY epoch DESC LIMIT 1
-"""
-SELECT_IN_FORCE: Final = """
-SELECT epoch, writers, sharding, sequence_at_start
-FROM shard_map_epochs WHERE sequence_at_start IS NOT NULL ORDER BY epoch DESC LIMIT 1
-"""
-# Maps with their pins in one round trip: a writer reloads them when an
-# install commits, and its lanes may be waiting for the answer.
+# Every map load: the maps with their pins in one round trip (a writer reloads
+# them when an install commits, and its lanes may be waiting for the answer).
 SELECT_MAPS_WITH_PINS: Final = """
 SELECT e.epoch, e.writers, e.sharding, e.sequence_at_start,
        (SELECT coalesce(json_object_agg(p.room_id, p.instance_name), '{}'::json)
         FROM shard_map_pins AS p WHERE p.epoch = e.epoch)
 FROM shard_map_epochs AS e
 """
+SELECT_NEWEST: Final = SELECT_MAPS_WITH_PINS + "ORDER BY e.epoch DESC LIMIT 1"
+SELECT_EPOCH: Final = SELECT_MAPS_WITH_PINS + "WHERE e.epoch = %s"
+SELECT_IN_FORCE: Final = (
+    SELECT_MAPS_WITH_PINS + "WHERE e.sequence_at_start IS NOT NULL ORDER BY e.epoch DESC LIMIT 1"
+)
 SELECT_SINCE_IN_FORCE: Final = (
     SELECT_MAPS_WITH_PINS
     + """WHERE e.epoch >= (SELECT coalesce(max(epoch), 0) FROM shard_map_epochs
                    WHERE sequence_at_start IS NOT NULL)
 ORDER BY e.epoch"""
 )
-SELECT_EPOCH: Final = """
-SELECT epoch, writers, sharding, sequence_at_start FROM shard_map_epochs WHERE epoch = %s
-"""
-SELECT_PINS: Final = "SELECT room_id, instance_name FROM shard_map_pins WHERE epoch = %s"
 INSERT_EPOCH: Final = """
 INSERT INTO shard_map_epochs (epoch, writers, sharding, sequence_at_start, created_ts)
 VALUES (%s, %s, %s, %s, %s)
@@ -150,30 +145,16 @@ async def load_shard_map(conn: Connection, epoch: int | None = None) -> ShardMap
     """The newest map (it routes, in force or not), or that of `epoch`;
     None if there is none."""
     if epoch is None:
-        cur = await conn.execute(SELECT_CURRENT)
+        maps = await _load_epochs(conn, SELECT_NEWEST)
     else:
-        cur = await conn.execute(SELECT_EPOCH, (epoch,))
-    return await _shard_map_of(conn, await cur.fetchone())
+        maps = await _load_epochs(conn, SELECT_EPOCH, (epoch,))
+    return maps[0] if maps else None
 
 
 async def load_in_force(conn: Connection) -> ShardMap | None:
     """The newest map in force (drained)."""
-    cur = await conn.execute(SELECT_IN_FORCE)
-    return await _shard_map_of(conn, await cur.fetchone())
-
-
-async def _shard_map_of(conn: Connection, row: tuple[Any, ...] | None) -> ShardMap | None:
-    if row is None:
-        return None
-    epoch, writers, sharding, sequence_at_start = row
-    pins = await conn.execute(SELECT_PINS, (epoch,))
-    return ShardMap(
-        epoch=epoch,
-        writers=tuple(writers),
-        sharding=sharding,
-        pins=dict(await pins.fetchall()),
-        sequence_at_start=sequence_at_start,
-    )
+    maps = await _load_epochs(conn, SELECT_IN_FORCE)
+    return maps[0] if maps else None
 
 
 async def load_routing(conn: Connection) -> list[ShardMap]:
@@ -211,8 +192,10 @@ async def load_all_epochs(conn: Connection) -> list[ShardMap]:
     return await _load_epochs(conn, SELECT_ALL_EPOCHS)
 
 
-async def _load_epochs(conn: Connection, query: str) -> list[ShardMap]:
-    cur = await conn.execute(query)
+async def _load_epochs(
+    conn: Connection, query: str, params: tuple[Any, ...] = ()
+) -> list[ShardMap]:
+    cur = await conn.execute(query, params)
     return [
         ShardMap(epoch, tuple(writers), sharding, dict(pins), start)
         for epoch, writers, sharding, start, pins in await cur.fetchall()
