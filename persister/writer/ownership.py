@@ -9,9 +9,9 @@ stale map can delay a room, never let two owners commit it.
 
 Besides the newest map (which routes) it keeps the maps back to the newest
 one in force: while the newest is being drained, a room this writer owns
-now but another writer owned under one of those is *gained*, and a batch
-holding one drains the epoch before it writes (`needs_drain`, see
-`persister.storage.shard_map`).
+now but another writer owned under one of those is *gained* (`needs_drain`):
+the lanes set its requests aside until `until_in_force` has drained the
+epoch (see `persister.storage.shard_map`).
 
 Loads share one autocommit connection, so a refresh on the way to a 421 (or
 to rerouting a batch after an epoch change) costs one query, not a new
