@@ -300,10 +300,13 @@ class Lane:
             except psycopg.OperationalError as exc:
                 raise StoreUnavailable(f"database unavailable: {exc}") from None
 
-    async def _drop_connection(self) -> None:
+    async def _close_connection(self) -> None:
         if self.connection is not None:
             await self.connection.close()
         self.connection = None
+
+    async def _drop_connection(self) -> None:
+        await self._close_connection()
         # The writer answers 503 at once for a lane that is not ready, so no
         # batch would come to reconnect it: it reconnects by itself.
         if self._reconnecting is None or self._reconnecting.done():
@@ -345,6 +348,9 @@ class Lane:
                 # long as the database is away; finish the orderings only
                 # once their fate is known.
                 unavailable = StoreUnavailable("database connection lost; retry later")
+                # Not ready while settling, which lasts as long as the outage:
+                # /health says 503 and new requests are refused at once.
+                await self._close_connection()
                 _fail_all(batch, unavailable)
                 self._refuse_queued(unavailable)
                 await self._settle_lost(backend_pid, allocated)

@@ -96,6 +96,7 @@ async def test_persisters_answer_503_meanwhile_and_recover_when_postgres_returns
             verdict = await s.finish()
             probe = s.prober.answers if s.prober else []
             timeouts = s.client.stats.timeouts if s.client else 0
+            logs = {name: s.fleet.log_text(name) for name in s.fleet.names}
     finally:
         _drop(private_postgres, database_url)
 
@@ -115,7 +116,9 @@ async def test_persisters_answer_503_meanwhile_and_recover_when_postgres_returns
             assert outage.refused > 0, "requests sent while it was down were answered 503"
             for name, statuses in outage.health_while_away.items():
                 # (None: /health did not answer within its second, on a busy machine)
-                assert 503 in statuses and set(statuses) <= {503, None}, (name, statuses)
+                assert 503 in statuses and set(statuses) <= {503, None}, (
+                    name, statuses, _warnings(logs[name])
+                )  # fmt: skip
 
 
 async def _inflict(
@@ -149,6 +152,12 @@ async def _inflict(
     assert s.prober is not None
     outage.refused = sum(1 for a in s.prober.answers if began <= a.sent < back and a.status == 503)
     return outage
+
+
+def _warnings(log: str, last: int = 40) -> str:
+    """The instance's last warnings: what it noticed of the outage, and when."""
+    lines = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    return "\n".join(lines[-last:])
 
 
 def _recovered(s: Scenario, outage: Outage) -> bool:
