@@ -24,6 +24,7 @@ import asyncio
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ class Measured:
     def line(self) -> str:
         per = 1e6 / self.events
         return (
-            f"{self.name:10s} {self.events / self.seconds:8.0f} events/s   "
+            f"{self.name:20s} {self.events / self.seconds:8.0f} events/s   "
             f"backend {self.backend_cpu_s * per:5.1f} us/event   "
             f"client {self.client_cpu_s * per:5.1f} us/event"
         )
@@ -106,21 +107,40 @@ async def write_batch(
     return len(plan.new_events)
 
 
-async def persister_pass(url: str, requests: Sequence[BenchRequest], size: int) -> Measured:
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        pid = conn.info.backend_pid
-        work = list(batches(requests, size))
-        cpu0, client0, wall0 = backend_cpu_s(pid), time.process_time(), time.perf_counter()
-        written = 0
-        for batch in work:
-            written += await write_batch(conn, batch)
+async def persister_pass(
+    url: str, requests: Sequence[BenchRequest], size: int, lanes: int
+) -> Measured:
+    """Each lane its rooms (by the writer's rule) and its connection, all at once."""
+    shares: list[list[BenchRequest]] = [[] for _ in range(lanes)]
+    for request in requests:
+        shares[zlib.crc32(request.room_id.encode()) % lanes].append(request)
+    conns = [await psycopg.AsyncConnection.connect(url, autocommit=True) for _ in range(lanes)]
+    try:
+        pids = [conn.info.backend_pid for conn in conns]
+        work = [list(batches(share, size)) for share in shares]
+        cpu0, client0, wall0 = _backends_cpu_s(pids), time.process_time(), time.perf_counter()
+        written = await asyncio.gather(*(_lane(c, w) for c, w in zip(conns, work, strict=True)))
         return Measured(
-            "persister",
-            written,
+            f"persister ({lanes} lane{'s' if lanes > 1 else ''})",
+            sum(written),
             time.perf_counter() - wall0,
-            backend_cpu_s(pid) - cpu0,
+            _backends_cpu_s(pids) - cpu0,
             time.process_time() - client0,
         )
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def _lane(conn: Connection, work: list[list[LinkRequest]]) -> int:
+    written = 0
+    for batch in work:
+        written += await write_batch(conn, batch)
+    return written
+
+
+def _backends_cpu_s(pids: Sequence[int]) -> float:
+    return sum(backend_cpu_s(pid) for pid in pids)
 
 
 def copy_pass(url: str, requests: Sequence[BenchRequest], size: int) -> Measured:
@@ -145,6 +165,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=600, help="events per transaction")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--lanes", type=int, default=1, help="connections writing at once")
     parser.add_argument("--message-bytes", type=int, default=1024)
     parser.add_argument(
         "--server", default=os.environ.get("PERSISTER_DATABASE_URL") or DEFAULT_SERVER_URL
@@ -159,7 +180,7 @@ async def main() -> None:
         name = bench_database_name("_pgwrite")
         url = await create_database(args.server, name)
         try:
-            ours = await persister_pass(url, requests, args.batch)
+            ours = await persister_pass(url, requests, args.batch, args.lanes)
             bare = await asyncio.to_thread(copy_pass, url, requests, args.batch)
         finally:
             await drop_database(args.server, name)

@@ -3,10 +3,11 @@
     python bench/run.py --duration 20 --batch 50          # starts its own pool
     python bench/run.py --config shared.yaml              # an existing pool
 
-Order of a run: generate the workload (before any timing), run the bare
-ceiling on a fresh database (`--no-ceiling` skips it), start a pool unless
-`--config` names one, run the phases, check that every acknowledged event
-is stored once, then write `result.json`, `chart.png` and print the table.
+Order of a run: generate the workload (before any timing), start a pool
+unless `--config` names one, run the phases, check that every acknowledged
+event is stored once, stop the pool, run the bare ceiling on a fresh
+database with as many of the same rows as the run wrote (`--no-ceiling`
+skips it), then write `result.json`, `chart.png` and print the table.
 All traffic goes to the configured instances and database (127.0.0.1 for a
 pool the harness starts); every phase is bounded in time.
 """
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 
 from persister.bench import checks, cpu, driver, options, report, stats
@@ -105,9 +107,12 @@ async def run(args: argparse.Namespace, command: list[str]) -> int:
         f"generated {workload.summary.events_unique} events, "
         f"{workload.summary.requests} requests in {generation_s:.1f}s"
     )
-    ceiling = await _ceiling(args, workload, progress) if args.ceiling else None
     async with _target(args, folder, progress) as target:
-        result = await _load(args, command, workload, generation_s, target, ceiling, progress)
+        result = await _load(args, command, workload, generation_s, target, progress)
+    if args.ceiling:
+        # After the run, with the pool stopped, and as many rows as it wrote.
+        rows = args.ceiling_events or _events_written(result)
+        result = _with_ceiling(result, await _ceiling(args, workload, rows, progress))
     report.write_json(result, folder / "result.json")
     charted = report.chart(result, folder / "chart.png")
     print(report.table(result))
@@ -126,15 +131,32 @@ def _server_url(args: argparse.Namespace) -> str:
     return os.environ.get("PERSISTER_DATABASE_URL") or DEFAULT_SERVER_URL
 
 
+def _events_written(result: report.RunResult) -> int:
+    if result.verification is not None:
+        return result.verification.acknowledged_events
+    return sum(phase.new_events for phase in result.phases)
+
+
+def _with_ceiling(result: report.RunResult, ceiling: CeilingReport) -> report.RunResult:
+    best = ceiling.ceiling_events_per_s
+    phases = [
+        msgspec.structs.replace(p, ratio_to_ceiling=p.new_events_per_s / best if best else None)
+        for p in result.phases
+    ]
+    return msgspec.structs.replace(result, ceiling=ceiling, phases=phases)
+
+
 async def _ceiling(
-    args: argparse.Namespace, workload: Workload, progress: Progress
+    args: argparse.Namespace, workload: Workload, count: int, progress: Progress
 ) -> CeilingReport:
+    """The same rows as the run wrote (the first `count` the workload sends),
+    so that the bare writes meet tables as large as the run's."""
     rows = [
         CeilingRow(e, r.room_version, r.backfilled)
         for r in workload.requests
         if not r.resend
         for e in r.events
-    ][: args.ceiling_events]
+    ][:count]
     server = _server_url(args)
     name = bench_database_name("_ceiling")
     progress.message(f"ceiling: {len(rows)} rows into {name}...")
@@ -198,7 +220,6 @@ async def _load(
     workload: Workload,
     generation_s: float,
     target: Target,
-    ceiling: CeilingReport | None,
     progress: Progress,
 ) -> report.RunResult:
     config = target.config
@@ -219,7 +240,7 @@ async def _load(
         lag_task = asyncio.create_task(tracker.run())
         try:
             for plan in _phase_plans(args, phases):
-                run = _PhaseRun(args, plan, target, ceiling, client, tracker, progress)
+                run = _PhaseRun(args, plan, target, client, tracker, progress)
                 phases.append(await run.execute(source, offset=_offset(phases)))
                 acknowledged |= run.recorder.acknowledged
         finally:
@@ -238,7 +259,7 @@ async def _load(
             "database": target.database,
             "writers": list(config.stream_writers.events),
         },
-        ceiling=ceiling,
+        ceiling=None,  # measured after the run
         phases=phases,
         batch_sizes=await checks.batch_sizes(config.database.url, start_ordering),
         verification=await checks.verify(config.database.url, acknowledged, target.started),
@@ -270,12 +291,11 @@ class _PhaseRun:
         args: argparse.Namespace,
         plan: PhasePlan,
         target: Target,
-        ceiling: CeilingReport | None,
         client: PersisterClient,
         tracker: LagTracker,
         progress: Progress,
     ) -> None:
-        self.args, self.plan, self.target, self.ceiling = args, plan, target, ceiling
+        self.args, self.plan, self.target = args, plan, target
         self.client, self.tracker, self.progress = client, tracker, progress
         now = time.perf_counter()
         self.recorder = stats.PhaseRecorder(now, now + args.warmup)
@@ -339,7 +359,6 @@ class _PhaseRun:
     ) -> report.PhaseResult:
         r = self.recorder
         seconds = r.measured_seconds()
-        ceiling = self.ceiling.ceiling_events_per_s if self.ceiling else None
         new_rate = r.new_events / seconds if seconds > 0 else 0.0
         return report.PhaseResult(
             name=self.plan.name,
@@ -357,7 +376,7 @@ class _PhaseRun:
             events_per_s_by_instance={k: v / seconds for k, v in r.by_instance.items()}
             if seconds
             else {},
-            ratio_to_ceiling=new_rate / ceiling if ceiling else None,
+            ratio_to_ceiling=None,  # known once the ceiling is measured, after the run
             latency_ms=stats.summarise(r.latencies),
             stream_lag_ms=stats.summarise(r.lags),
             lag_unseen=self.tracker.unseen,
