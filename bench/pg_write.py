@@ -15,6 +15,7 @@ after, alternated). The shard-map and liveness fences are left out: they
 cost the same per transaction whatever the batch holds.
 
     .venv/bin/python bench/pg_write.py --events 40000 --batch 600 --rounds 2
+    .venv/bin/python bench/pg_write.py --events 30000 --batch 70 --against-unprepared
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from persister.bench.databases import (
 )
 from persister.bench.workload import BenchRequest, WorkloadSpec, generate, prepared
 from persister.dag import LinkRequest, link_batch
-from persister.storage import events_txn
+from persister.storage import arrays, events_txn
 
 Connection = psycopg.AsyncConnection[tuple[object, ...]]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -90,12 +91,17 @@ async def write_batch(
 ) -> int:
     rooms = list(dict.fromkeys(r.room_id for r in batch))
     events = [e for r in batch for e in r.events]
-    known = list({*(e.event_id for e in events), *(p for e in events for p in e.prev_event_ids)})
-    params = {"known": known, "rooms": rooms, "forward": len(events), "backfill": 0}
+    known = {*(e.event_id for e in events), *(p for e in events for p in e.prev_event_ids)}
+    params = {
+        "known": arrays.TextArray(known),
+        "rooms": arrays.TextArray(rooms),
+        "forward": len(events),
+        "backfill": 0,
+    }
     cur = conn.cursor()
     async with conn.pipeline():
         await cur.execute(events_txn.BEGIN)
-        await cur.execute(events_txn.LOAD_BATCH, params)
+        await cur.execute(events_txn.LOAD_BATCH, params, prepare=True)
     view, drawn = events_txn.view_from_rows(await cur.fetchall())
     plan = link_batch(view, batch)
     orderings = drawn[events_txn.DRAWN_FORWARD][: len(plan.new_events)]
@@ -115,6 +121,8 @@ async def persister_pass(
     for request in requests:
         shares[zlib.crc32(request.room_id.encode()) % lanes].append(request)
     conns = [await psycopg.AsyncConnection.connect(url, autocommit=True) for _ in range(lanes)]
+    for conn in conns:
+        await events_txn.prepare_connection(conn)
     try:
         pids = [conn.info.backend_pid for conn in conns]
         work = [list(batches(share, size)) for share in shares]
@@ -137,6 +145,34 @@ async def _lane(conn: Connection, work: list[list[LinkRequest]]) -> int:
     for batch in work:
         written += await write_batch(conn, batch)
     return written
+
+
+async def prepared_against_unprepared(
+    url: str, requests: Sequence[BenchRequest], size: int
+) -> tuple[float, float]:
+    """Backend CPU per transaction (s), prepared statements vs none.
+
+    Batches alternate between two connections, so both meet the same
+    machine load and the same table sizes: on a shared machine a difference
+    too small to see between two runs shows here."""
+    prepared = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    unprepared = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    try:
+        for conn in (prepared, unprepared):
+            await events_txn.prepare_connection(conn)
+        unprepared.prepare_threshold = None  # psycopg then prepares nothing at all
+        spent = {prepared: 0.0, unprepared: 0.0}
+        count = {prepared: 0, unprepared: 0}
+        for index, batch in enumerate(batches(requests, size)):
+            conn = (prepared, unprepared)[index % 2]
+            before = backend_cpu_s(conn.info.backend_pid)
+            await write_batch(conn, batch)
+            spent[conn] += backend_cpu_s(conn.info.backend_pid) - before
+            count[conn] += 1
+        return spent[prepared] / count[prepared], spent[unprepared] / count[unprepared]
+    finally:
+        await prepared.close()
+        await unprepared.close()
 
 
 def _backends_cpu_s(pids: Sequence[int]) -> float:
@@ -166,6 +202,11 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=600, help="events per transaction")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lanes", type=int, default=1, help="connections writing at once")
+    parser.add_argument(
+        "--against-unprepared",
+        action="store_true",
+        help="alternate batches with a connection that prepares no statement; compare the two",
+    )
     parser.add_argument("--message-bytes", type=int, default=1024)
     parser.add_argument(
         "--server", default=os.environ.get("PERSISTER_DATABASE_URL") or DEFAULT_SERVER_URL
@@ -180,6 +221,13 @@ async def main() -> None:
         name = bench_database_name("_pgwrite")
         url = await create_database(args.server, name)
         try:
+            if args.against_unprepared:
+                with_, without = await prepared_against_unprepared(url, requests, args.batch)
+                print(
+                    f"round {round_}, batches of {args.batch} events, backend CPU per "
+                    f"transaction: prepared {with_ * 1e3:.2f} ms, unprepared {without * 1e3:.2f} ms"
+                )
+                continue
             ours = await persister_pass(url, requests, args.batch, args.lanes)
             bare = await asyncio.to_thread(copy_pass, url, requests, args.batch)
         finally:

@@ -126,16 +126,12 @@ class Lane:
             self.settings.database_url,
             connect_timeout=max(1, int(self.settings.connect_timeout_s)),
             application_name=f"persister:{self.settings.instance}",
-            # No server-side prepared statements: a generic plan chosen while
-            # the tables were small (a sequential scan of `events`) would be
-            # kept for the connection's life and slow every batch as the
-            # table grows, if statistics lag (autovacuum off or behind).
-            prepare_threshold=None,
             # Transactions are begun and committed by explicit statements in
             # the batch's pipelines (persister.storage.events_txn), not by
             # psycopg, whose implicit BEGIN would cost a round trip of its own.
             autocommit=True,
         )
+        await events_txn.prepare_connection(self.connection)
 
     async def close(self) -> None:
         if self._unparking is not None:

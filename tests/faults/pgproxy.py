@@ -1,9 +1,9 @@
 """A TCP relay in front of PostgreSQL that can lose the answer to a COMMIT.
 
 `arm_lost_commit(refuse_s)`: the next COMMIT of a persister lane's
-transaction that drew forward stream orderings is passed to the server,
-which commits it, but the lane's connection is cut before the answer comes
-back, and for `refuse_s` seconds the relay refuses new connections: from
+transaction that drew forward stream orderings (by a plain or a prepared
+statement) is passed to the server, which commits it, but the lane's
+connection is cut before the answer comes back, and for `refuse_s` seconds the relay refuses new connections: from
 the persister's side the database is unreachable just when it must find out
 whether that COMMIT landed. This is the "settle after a lost COMMIT" path of
 `persister.writer.lane` made to happen on purpose.
@@ -99,11 +99,12 @@ class PgProxy:
                 b":" not in _application_name(startup)[len(LANE_PREFIX) :]
             )
             drew = committing = False
+            drawing_statements: set[bytes] = set()  # prepared ones that draw
             while not client_r.at_eof():  # readexactly raises at the end anyway
                 kind = await client_r.readexactly(1)
                 (length,) = struct.unpack("!i", await client_r.readexactly(4))
                 body = await client_r.readexactly(length - 4)
-                drew = drew or DRAWS_ORDERINGS in body
+                drew = drew or _draws(kind, body, drawing_statements)
                 server_w.write(kind + struct.pack("!i", length) + body)
                 await server_w.drain()
                 # A COMMIT comes as a simple query, or (in a pipeline) as a
@@ -138,6 +139,25 @@ async def _relay_unless(
                 continue
             writer.write(data)
             await writer.drain()
+
+
+def _draws(kind: bytes, body: bytes, drawing_statements: set[bytes]) -> bool:
+    """Whether this message runs a statement that draws stream orderings.
+
+    The lanes prepare that statement (see `events_txn.prepare_connection`):
+    its text comes once, in a Parse naming it; later transactions only Bind
+    that name."""
+    if kind == b"P":
+        name, _, query = body.partition(b"\x00")
+        if DRAWS_ORDERINGS in query:
+            if name:
+                drawing_statements.add(name)
+            return True
+        return False
+    if kind == b"B":
+        _portal, _, rest = body.partition(b"\x00")
+        return rest.partition(b"\x00")[0] in drawing_statements
+    return kind == b"Q" and DRAWS_ORDERINGS in body
 
 
 def _ends_transaction(kind: bytes, body: bytes) -> bytes | None:
