@@ -108,6 +108,9 @@ async def run(args: argparse.Namespace, command: list[str]) -> int:
         f"{workload.summary.requests} requests in {generation_s:.1f}s"
     )
     async with _target(args, folder, progress) as target:
+        if args.harness_nice:
+            # After the pool started: its processes keep the usual priority.
+            os.nice(args.harness_nice)
         result = await _load(args, command, workload, generation_s, target, progress)
     if args.ceiling:
         # After the run, with the pool stopped, and as many rows as it wrote.

@@ -89,7 +89,22 @@ def _workload_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--gen-workers", type=int, default=os.cpu_count() or 1)
 
 
+def _niceness(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"{value} is not a niceness from 0 to 19")
+    return value
+
+
 def _load_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--harness-nice",
+        type=_niceness,
+        default=0,
+        help="lower the harness's own CPU priority by this much (0-19) once the pool runs, "
+        "so that on a small machine it takes CPU the pool and PostgreSQL would use "
+        "only when they leave some (creators run on other machines in production)",
+    )
     group.add_argument(
         "--mode",
         choices=("closed", "open", "both"),

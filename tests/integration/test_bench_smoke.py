@@ -34,7 +34,7 @@ def run_bench(services: Services, out: Path) -> subprocess.CompletedProcess[str]
         "--rooms", "40", "--events", "4000", "--batch", "10", "--concurrency", "16",
         "--resend-share", "0.05", "--backfill-share", "0.05", "--room-versions", "10,11,12",
         "--ceiling-seconds", "0.3", "--ceiling-events", "1000",
-        "--keep-db", "--gen-workers", "1", "--out", str(out),
+        "--keep-db", "--gen-workers", "1", "--harness-nice", "5", "--out", str(out),
     ]  # fmt: skip
     return subprocess.run(
         command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO, check=False
