@@ -9,7 +9,8 @@ test_bench_dag.py). Measured without a database:
 - `events_txn._add_columns`, the rows-to-columns transposition it uses;
 - psycopg's dumping of the `event_json` columns as text vs binary arrays:
   text arrays escape every quote of the JSON with a regex, binary arrays
-  copy bytes (ceiling.py uses binary, `%b`, for that reason);
+  copy bytes (ceiling.py uses binary, `%b`, for that reason); and as the
+  typed arrays the lane sends (`persister.storage.arrays`);
 - the writer lane's bookkeeping around a batch (`_batch_ids`, `_result`).
 """
 
@@ -21,12 +22,13 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest
-from psycopg.adapt import PyFormat, Transformer
+from psycopg.adapt import AdaptersMap, PyFormat, Transformer
 
 from persister.bench.workload import WorkloadSpec, generate, prepared
 from persister.dag import BatchPlan, LinkRequest, StoredView, link_batch
-from persister.storage import events_txn
+from persister.storage import arrays, events_txn
 from persister.writer import lane
 from persister.writer.queue import PendingRequest
 
@@ -44,7 +46,7 @@ class RecordingCursor:
         self.connection = RecordingConnection()
         self.statements = 0
 
-    async def execute(self, query: str, params: Any = None) -> None:
+    async def execute(self, query: str, params: Any = None, *, prepare: bool | None = None) -> None:
         self.statements += 1
 
 
@@ -85,9 +87,7 @@ def test_bench_write_plan_rows_1000_events(benchmark: Any, plan: BatchPlan) -> N
     def write() -> int:
         cursor = RecordingCursor()
         fake: Any = cursor  # duck-typed: only execute() and connection.pipeline()
-        drive(
-            events_txn.write_plan_txn(fake, plan, orderings, plan.new_rooms, "persister1", 0, 1)
-        )
+        drive(events_txn.write_plan_txn(fake, plan, orderings, plan.new_rooms, "persister1", 0, 1))
         return cursor.statements
 
     # Every table is written by one statement.
@@ -116,6 +116,25 @@ def test_bench_dump_event_json_arrays(benchmark: Any, plan: BatchPlan, fmt: PyFo
     params = _json_columns(plan)
     transformer = Transformer()
     dumped = benchmark(transformer.dump_sequence, params, [fmt] * len(params))
+    assert all(value is not None for value in dumped)
+
+
+class _TypedArraysContext:
+    """What `arrays.register` needs: a map of dumpers (here not psycopg's global one)."""
+
+    def __init__(self) -> None:
+        self.adapters = AdaptersMap(psycopg.adapters)
+        self.connection = None
+
+
+def test_bench_dump_event_json_typed_arrays(benchmark: Any, plan: BatchPlan) -> None:
+    # What the lane sends (persister/storage/arrays.py), against the
+    # `binary` case above: the same columns, typed.
+    context = _TypedArraysContext()
+    arrays.register(context)
+    params = [arrays.TextArray(column) for column in _json_columns(plan)]
+    transformer = Transformer(context)
+    dumped = benchmark(transformer.dump_sequence, params, [PyFormat.BINARY] * len(params))
     assert all(value is not None for value in dumped)
 
 

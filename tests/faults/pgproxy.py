@@ -3,10 +3,11 @@
 `arm_lost_commit(refuse_s)`: the next COMMIT of a persister lane's
 transaction that drew forward stream orderings (by a plain or a prepared
 statement) is passed to the server, which commits it, but the lane's
-connection is cut before the answer comes back, and for `refuse_s` seconds the relay refuses new connections: from
-the persister's side the database is unreachable just when it must find out
-whether that COMMIT landed. This is the "settle after a lost COMMIT" path of
-`persister.writer.lane` made to happen on purpose.
+connection is cut before the answer comes back, and for `refuse_s` seconds
+the relay refuses new connections: from the persister's side the database
+is unreachable just when it must find out whether that COMMIT landed. This
+is the "settle after a lost COMMIT" path of `persister.writer.lane` made to
+happen on purpose.
 
 It reads just enough of the frontend protocol to find the COMMIT: the
 startup packet (for application_name) and the typed messages after it. The
