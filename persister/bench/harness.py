@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from persister.bench.databases import (
 from persister.bench.lag import LagTracker, PositionReader
 from persister.bench.pool import BenchPool, PoolSettings, PoolStartError, start_pool
 from persister.bench.progress import Progress
-from persister.bench.workload import Workload, generate
+from persister.bench.workload import Workload, WorkloadSpec, generate
 from persister.client import ClientOptions, PersisterClient
 from persister.config import Config, load_config
 from persister.errors import PersisterError
@@ -98,24 +98,25 @@ async def run(args: argparse.Namespace, command: list[str]) -> int:
     progress = Progress()
     folder = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
-    spec = options.spec_from_args(args)
-    progress.message(f"generating {spec.events} event slots in {spec.rooms} rooms...")
     started = time.perf_counter()
-    workload = await asyncio.to_thread(generate, spec, args.gen_workers)
+    workloads = [await _generate(args, options.spec_from_args(args), progress)]
+    if args.mode == "both":
+        # The open phase gets rooms and events of its own. What a closed loop
+        # leaves of a workload is mostly the busiest rooms' backlog (a room's
+        # requests go one at a time), so an open loop over the rest would
+        # measure that queue in the client, not the pool.
+        spec = replace(workloads[0].spec, run_id=f"{workloads[0].spec.run_id}-open")
+        workloads.append(await _generate(args, spec, progress))
     generation_s = time.perf_counter() - started
-    progress.message(
-        f"generated {workload.summary.events_unique} events, "
-        f"{workload.summary.requests} requests in {generation_s:.1f}s"
-    )
     async with _target(args, folder, progress) as target:
         if args.harness_nice:
             # After the pool started: its processes keep the usual priority.
             os.nice(args.harness_nice)
-        result = await _load(args, command, workload, generation_s, target, progress)
+        result = await _load(args, command, workloads, generation_s, target, progress)
     if args.ceiling:
         # After the run, with the pool stopped, and as many rows as it wrote.
         rows = args.ceiling_events or _events_written(result)
-        result = _with_ceiling(result, await _ceiling(args, workload, rows, progress))
+        result = _with_ceiling(result, await _ceiling(args, workloads, rows, progress))
     report.write_json(result, folder / "result.json")
     charted = report.chart(result, folder / "chart.png")
     print(report.table(result))
@@ -134,6 +135,17 @@ def _server_url(args: argparse.Namespace) -> str:
     return os.environ.get("PERSISTER_DATABASE_URL") or DEFAULT_SERVER_URL
 
 
+async def _generate(args: argparse.Namespace, spec: WorkloadSpec, progress: Progress) -> Workload:
+    progress.message(f"generating {spec.events} event slots in {spec.rooms} rooms...")
+    started = time.perf_counter()
+    workload = await asyncio.to_thread(generate, spec, args.gen_workers)
+    progress.message(
+        f"generated {workload.summary.events_unique} events, "
+        f"{workload.summary.requests} requests in {time.perf_counter() - started:.1f}s"
+    )
+    return workload
+
+
 def _events_written(result: report.RunResult) -> int:
     if result.verification is not None:
         return result.verification.acknowledged_events
@@ -150,12 +162,13 @@ def _with_ceiling(result: report.RunResult, ceiling: CeilingReport) -> report.Ru
 
 
 async def _ceiling(
-    args: argparse.Namespace, workload: Workload, count: int, progress: Progress
+    args: argparse.Namespace, workloads: list[Workload], count: int, progress: Progress
 ) -> CeilingReport:
-    """The same rows as the run wrote (the first `count` the workload sends),
+    """The same rows as the run wrote (the first `count` the workloads send),
     so that the bare writes meet tables as large as the run's."""
     rows = [
         CeilingRow(e, r.room_version, r.backfilled)
+        for workload in workloads
         for r in workload.requests
         if not r.resend
         for e in r.events
@@ -220,14 +233,16 @@ class PhasePlan:
 async def _load(
     args: argparse.Namespace,
     command: list[str],
-    workload: Workload,
+    workloads: list[Workload],
     generation_s: float,
     target: Target,
     progress: Progress,
 ) -> report.RunResult:
     config = target.config
     start_ordering = await checks.max_ordering(config.database.url)
-    source = driver.RequestSource(workload.requests)
+    # One source per workload; a phase takes the next, the last one repeats.
+    sources = [driver.RequestSource(workload.requests) for workload in workloads]
+    workload = workloads[0]
     # A call gives up after CALL_DEADLINE_S, so a phase ends at most that
     # long after its deadline, however slow the pool.
     options = ClientOptions(
@@ -244,6 +259,7 @@ async def _load(
         try:
             for plan in _phase_plans(args, phases):
                 run = _PhaseRun(args, plan, target, client, tracker, progress)
+                source = sources[min(len(phases), len(sources) - 1)]
                 phases.append(await run.execute(source, offset=_offset(phases)))
                 acknowledged |= run.recorder.acknowledged
         finally:
