@@ -262,8 +262,15 @@ async def _load(
                 source = sources[min(len(phases), len(sources) - 1)]
                 phases.append(await run.execute(source, offset=_offset(phases)))
                 acknowledged |= run.recorder.acknowledged
+                if phases[-1].new_events == 0 and source.remaining == 0:
+                    progress.message(
+                        f"phase {plan.name} measured nothing: the workload ran out during "
+                        "its warm-up (raise --events or lower --warmup)"
+                    )
         finally:
             lag_task.cancel()
+    if args.mode == "both" and len(phases) == 1:
+        progress.message("open phase skipped: the closed phase measured no throughput to halve")
     return report.RunResult(
         version=1,
         command=command,
