@@ -1,9 +1,8 @@
 """The write path against PostgreSQL alone, beside a bare COPY of the same rows.
 
-No HTTP, no validation, no lanes, no other process: the workload's events
-are linked and written batch after batch over one connection the way a lane
-does it (BEGIN + `LOAD_BATCH`, `dag.link_batch`, `WRITE_BATCH` + COMMIT, from
-`persister.storage.events_txn`), then the same rows are written by the
+No HTTP, no validation, no other process: the workload's events are linked
+and written batch after batch over one connection per lane the way a lane
+does it (`persister.bench.direct_write`), then the same rows are written by the
 ceiling's COPY (`persister.bench.ceiling`) at the same batch size. For each
 it prints events/s and the CPU the PostgreSQL backend and this client spent
 per event. The backend's CPU is read from /proc, so the server must run on
@@ -11,11 +10,10 @@ this machine.
 
 CPU per event is far steadier than throughput on a shared machine, so it is
 the figure to compare changes of the SQL or the schema by (run it before and
-after, alternated). The shard-map and liveness fences are left out: they
-cost the same per transaction whatever the batch holds.
+after, alternated).
 
     .venv/bin/python bench/pg_write.py --events 40000 --batch 600 --rounds 2
-    .venv/bin/python bench/pg_write.py --events 30000 --batch 70 --against-unprepared
+    .venv/bin/python bench/pg_write.py --events 30000 --batch 70 --against custom-plans
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +39,11 @@ from persister.bench.databases import (
     create_database,
     drop_database,
 )
-from persister.bench.workload import BenchRequest, WorkloadSpec, generate, prepared
-from persister.dag import LinkRequest, link_batch
-from persister.storage import arrays, events_txn
+from persister.bench.direct_write import Connection, batches, write_batch
+from persister.bench.workload import BenchRequest, WorkloadSpec, generate
+from persister.dag import LinkRequest
+from persister.storage import events_txn
 
-Connection = psycopg.AsyncConnection[tuple[object, ...]]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,46 +67,6 @@ class Measured:
 def backend_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def batches(requests: Sequence[BenchRequest], size: int) -> Iterator[list[LinkRequest]]:
-    """Requests in send order, grouped up to `size` events (a request is never split)."""
-    batch: list[LinkRequest] = []
-    count = 0
-    for request in requests:
-        if batch and count + len(request.events) > size:
-            yield batch
-            batch, count = [], 0
-        events = [prepared(e) for e in request.events]
-        batch.append(LinkRequest(request.room_id, request.room_version, request.backfilled, events))
-        count += len(events)
-    if batch:
-        yield batch
-
-
-async def write_batch(conn: Connection, batch: list[LinkRequest]) -> int:
-    rooms = list(dict.fromkeys(r.room_id for r in batch))
-    events = [e for r in batch for e in r.events]
-    known = {*(e.event_id for e in events), *(p for e in events for p in e.prev_event_ids)}
-    params = {
-        "known": arrays.TextArray(known),
-        "rooms": arrays.TextArray(rooms),
-        "forward": len(events),
-        "backfill": 0,
-    }
-    cur = conn.cursor()
-    async with conn.pipeline():
-        await cur.execute(events_txn.BEGIN)
-        await cur.execute(events_txn.LOAD_BATCH, params, prepare=True)
-    view, drawn = events_txn.view_from_rows(await cur.fetchall())
-    plan = link_batch(view, batch)
-    orderings = drawn[events_txn.DRAWN_FORWARD][: len(plan.new_events)]
-    async with conn.pipeline():
-        await events_txn.write_plan_txn(
-            cur, plan, orderings, view.room_versions, "pg-write", int(time.time() * 1000), None
-        )
-        await events_txn.commit_txn(cur)
-    return len(plan.new_events)
 
 
 async def persister_pass(
@@ -146,33 +104,48 @@ async def _lane(conn: Connection, work: list[list[LinkRequest]]) -> int:
     return written
 
 
-async def prepared_against_unprepared(
-    url: str, requests: Sequence[BenchRequest], size: int
-) -> tuple[float, float]:
-    """Backend CPU per transaction (s), prepared statements vs none.
+# What `--against` compares a lane's connection with: the same connection
+# preparing nothing, or preparing its statements but planning them for each
+# execution with the planner's default plan shapes (how lanes ran in session 3).
+AGAINST = ("unprepared", "custom-plans")
+CUSTOM_PLANS = (
+    "SET plan_cache_mode = force_custom_plan",
+    "RESET enable_seqscan",
+    "RESET enable_hashjoin",
+    "RESET enable_mergejoin",
+)
 
-    Batches alternate between two connections, so both meet the same
+
+async def lane_against(
+    url: str, requests: Sequence[BenchRequest], size: int, against: str
+) -> tuple[float, float]:
+    """Backend CPU per transaction (s): a lane's connection vs `against`.
+
+    Batches alternate between the two connections, so both meet the same
     machine load and the same table sizes: on a shared machine a difference
     too small to see between two runs shows here."""
-    # `lane`: set up as a writer lane; `plain`: the same, preparing nothing.
     lane = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    plain = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    other = await psycopg.AsyncConnection.connect(url, autocommit=True)
     try:
-        for conn in (lane, plain):
+        for conn in (lane, other):
             await events_txn.prepare_connection(conn)
-        plain.prepare_threshold = None  # psycopg then prepares nothing at all
-        spent = {lane: 0.0, plain: 0.0}
-        count = {lane: 0, plain: 0}
+        if against == "unprepared":
+            other.prepare_threshold = None  # psycopg then prepares nothing at all
+        else:
+            for setting in CUSTOM_PLANS:
+                await other.execute(setting)
+        spent = {lane: 0.0, other: 0.0}
+        count = {lane: 0, other: 0}
         for index, batch in enumerate(batches(requests, size)):
-            conn = (lane, plain)[index % 2]
+            conn = (lane, other)[index % 2]
             before = backend_cpu_s(conn.info.backend_pid)
             await write_batch(conn, batch)
             spent[conn] += backend_cpu_s(conn.info.backend_pid) - before
             count[conn] += 1
-        return spent[lane] / count[lane], spent[plain] / count[plain]
+        return spent[lane] / count[lane], spent[other] / count[other]
     finally:
         await lane.close()
-        await plain.close()
+        await other.close()
 
 
 def _backends_cpu_s(pids: Sequence[int]) -> float:
@@ -203,9 +176,10 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lanes", type=int, default=1, help="connections writing at once")
     parser.add_argument(
-        "--against-unprepared",
-        action="store_true",
-        help="alternate batches with a connection that prepares no statement; compare the two",
+        "--against",
+        choices=AGAINST,
+        help="alternate batches between a lane's connection and one that prepares no "
+        "statement (unprepared) or plans them at each execution (custom-plans); compare",
     )
     parser.add_argument("--message-bytes", type=int, default=1024)
     parser.add_argument(
@@ -221,11 +195,11 @@ async def main() -> None:
         name = bench_database_name("_pgwrite")
         url = await create_database(args.server, name)
         try:
-            if args.against_unprepared:
-                with_, without = await prepared_against_unprepared(url, requests, args.batch)
+            if args.against:
+                lane, other = await lane_against(url, requests, args.batch, args.against)
                 print(
                     f"round {round_}, batches of {args.batch} events, backend CPU per "
-                    f"transaction: prepared {with_ * 1e3:.2f} ms, unprepared {without * 1e3:.2f} ms"
+                    f"transaction: lane {lane * 1e3:.2f} ms, {args.against} {other * 1e3:.2f} ms"
                 )
                 continue
             ours = await persister_pass(url, requests, args.batch, args.lanes)

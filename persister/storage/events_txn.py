@@ -151,24 +151,34 @@ position AS (
 SELECT 1
 """
 
-# Parse and analysis of the two big statements cost the server more than a
-# small batch's rows (~0.5 ms of a lane transaction's ~1.3 ms fixed cost,
-# measured with empty batches), so they are prepared once per connection.
-# Only they: psycopg prepares nothing else by count, and BEGIN and COMMIT stay
-# plain queries (tests/faults/pgproxy.py reads them off the wire). Plans stay
-# custom, made for each execution's parameters and the tables' current size:
-# a generic plan made while the tables were small (a sequential scan of
-# `events` or `rooms`) would be kept for the connection's life and slow every
-# batch as they grow, however stale the statistics.
+# Parse, analysis and planning of the two big statements cost the server
+# more than a small batch's rows (a third of a 10-event transaction's CPU,
+# perf), so they are prepared once per connection and planned once: generic
+# plans. Only they: psycopg prepares nothing else by count, and BEGIN and
+# COMMIT stay plain queries (tests/faults/pgproxy.py reads them off the wire).
+#
+# A generic plan lives as long as the connection, and one made while the
+# tables were small would be a sequential scan or a hash join over one, which
+# slows every batch as the tables grow. Every table a lane reads or writes is
+# reached by a key it has an index on, so the lane's session turns those plan
+# shapes off: whatever the statistics say, each access is an index probe,
+# which is the right plan at every size (nested loops over a batch's few
+# hundred keys). The fence functions' plpgsql plans follow the same settings.
 PREPARED_ONLY_ON_REQUEST = sys.maxsize
-CUSTOM_PLANS = "SET plan_cache_mode = force_custom_plan"
+LANE_PLAN_SETTINGS = """
+SELECT set_config('plan_cache_mode', 'force_generic_plan', false),
+       set_config('enable_seqscan', 'off', false),
+       set_config('enable_hashjoin', 'off', false),
+       set_config('enable_mergejoin', 'off', false)
+"""
 
 
 async def prepare_connection(conn: AsyncConnection[Any]) -> None:
-    """Make `conn` ready to run batches: typed arrays, prepared statements."""
+    """Make `conn` ready to run batches: typed arrays, prepared statements
+    with plans that are index probes whatever the tables' size."""
     arrays.register(conn)
     conn.prepare_threshold = PREPARED_ONLY_ON_REQUEST
-    await conn.execute(CUSTOM_PLANS)
+    await conn.execute(LANE_PLAN_SETTINGS)
 
 
 # Both fences (liveness and shard map), see migrations/0005_epoch_drain.sql.
