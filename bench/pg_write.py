@@ -106,7 +106,7 @@ async def _lane(conn: Connection, work: list[list[LinkRequest]]) -> int:
 
 # What `--against` compares a lane's connection with: the same connection
 # preparing nothing, or preparing its statements but planning them for each
-# execution with the planner's default plan shapes (how lanes ran in session 3).
+# execution with the planner's default plan shapes (how lanes ran before commit cc866fb).
 AGAINST = ("unprepared", "custom-plans")
 CUSTOM_PLANS = (
     "SET plan_cache_mode = force_custom_plan",

@@ -26,6 +26,10 @@ answers 429, 502 and 504 are retried with capped exponential backoff until
 `status` is 0 when the last attempt got no HTTP answer at all (connection
 refused or dropped, or a timeout).
 
+Calls for a room that wait behind its request in flight leave together as
+one request when their turn comes (`ClientOptions.coalesce_max_events`), and
+each gets its own results; if that request is refused, each is sent alone.
+
 Routing follows the stored shard map (contract section 7): the client
 places rooms by a `ShardMap` (epoch, writers, scheme, pins), seeded from
 the config as epoch 0. It adopts newer epochs three ways: after a 421 it
@@ -155,6 +159,10 @@ _REJECTIONS: dict[int, type[PersistRejected]] = {
 class ClientOptions:
     # One attempt; a request that takes longer is abandoned and resent.
     request_timeout_s: float = 10.0
+    # Calls for a room that wait behind its request in flight leave together,
+    # as one request of at most this many events and bytes (0: never).
+    coalesce_max_events: int = 1000
+    coalesce_max_bytes: int = 1024 * 1024
     # The whole call, retries included, counted from when the room's earlier
     # requests are done (waiting for them is not this request's fault);
     # then PersistUnavailable.
@@ -183,6 +191,10 @@ class ClientStats:
     timeouts: int = 0
     connection_errors: int = 0
     unavailable: int = 0
+    # Calls answered by a request that carried another call's events too.
+    coalesced: int = 0
+    # Requests of several calls refused as a whole: their calls went alone.
+    coalesced_refused: int = 0
 
     def snapshot(self) -> ClientStats:
         return replace(self)
@@ -229,10 +241,26 @@ class _Call:
         )
 
 
+@dataclass(slots=True, eq=False)  # two calls are never the same, even with equal events
+class _Waiting:
+    """One `persist` call in its room's line."""
+
+    room_version: str
+    backfilled: bool
+    events: Sequence[EventLike]
+    body: bytes
+    # Set when another call's request carried these events too.
+    answer: asyncio.Future[wire.PersistResponse]
+    # A request that carried it with others was refused (a 4xx or a 500
+    # whose cause may be any of them): from then on it goes alone, so that
+    # each call gets the answer its own events deserve.
+    alone: bool = False
+
+
 @dataclass(slots=True)
 class _RoomSlot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
+    line: list[_Waiting] = field(default_factory=list)
 
 
 class _RoomQueue:
@@ -240,24 +268,63 @@ class _RoomQueue:
 
     asyncio.Lock wakes waiters first-in first-out and never lets a newcomer
     overtake them, so holding it around the whole retry loop keeps a room's
-    requests in the order `persist` was called. Slots are dropped when
-    unused so that a long-lived client does not keep one per room ever seen.
+    requests in the order `persist` was called, and `line` lists the calls
+    in that order too. Slots are dropped when unused so that a long-lived
+    client does not keep one per room ever seen.
     """
 
     def __init__(self) -> None:
         self._slots: dict[str, _RoomSlot] = {}
 
     @asynccontextmanager
-    async def turn(self, room_id: str) -> AsyncIterator[None]:
+    async def turn(self, room_id: str, call: _Waiting) -> AsyncIterator[list[_Waiting]]:
+        """Wait for the room's earlier calls; yields the room's line, from `call` on."""
         slot = self._slots.setdefault(room_id, _RoomSlot())
-        slot.users += 1
+        slot.line.append(call)
         try:
             async with slot.lock:
-                yield
+                yield slot.line[slot.line.index(call) :]
         finally:
-            slot.users -= 1
-            if slot.users == 0:
+            slot.line.remove(call)
+            # Whoever carries it now answers nobody (no "never retrieved").
+            call.answer.cancel()
+            if not slot.line:
                 del self._slots[room_id]
+
+
+def _group(line: list[_Waiting], options: ClientOptions) -> list[_Waiting]:
+    """The calls that can leave as one request: the first of `line` and
+    those behind it, in order, until one differs, is done or would not fit."""
+    first = line[0]
+    group = [first]
+    if first.alone:
+        return group
+    events, size = len(first.events), len(first.body)
+    for call in line[1:]:
+        events += len(call.events)
+        size += len(call.body)
+        if (
+            call.alone
+            or call.answer.done()
+            or call.room_version != first.room_version
+            or call.backfilled != first.backfilled
+            or events > options.coalesce_max_events
+            or size > options.coalesce_max_bytes
+        ):
+            break
+        group.append(call)
+    return group
+
+
+def _split(response: wire.PersistResponse, group: list[_Waiting]) -> list[wire.PersistResponse]:
+    """One answer per call of a coalesced request; results come in event order."""
+    answers = []
+    start = 0
+    for call in group:
+        end = start + len(call.events)
+        answers.append(wire.PersistResponse(response.results[start:end], response.position))
+        start = end
+    return answers
 
 
 class _Backoff:
@@ -327,8 +394,9 @@ def shard_map_url(host: str, port: int) -> yarl.URL:
 class PersisterClient:
     """Sends events to the persister owning their room, in order, with retries.
 
-    Requests for one room go one at a time in call order; different rooms go
-    concurrently over one pooled session. If a call fails, later calls for
+    Requests for one room go one at a time in call order (calls waiting
+    behind one in flight leave together); different rooms go concurrently
+    over one pooled session. If a call fails, later calls for
     the same room still proceed: whether to continue is the caller's choice.
     Results may say `duplicate: true` for events that an earlier, timed-out
     attempt of the same call had already stored.
@@ -447,8 +515,54 @@ class PersisterClient:
         backfilled: bool = False,
     ) -> wire.PersistResponse:
         body = encode_request(room_version, events, backfilled)
-        async with self._rooms.turn(room_id):
-            return await self._send(room_id, body)
+        future: asyncio.Future[wire.PersistResponse] = asyncio.get_running_loop().create_future()
+        call = _Waiting(room_version, backfilled, events, body, future)
+        async with self._rooms.turn(room_id, call) as line:
+            if call.answer.done():
+                self.stats.coalesced += 1
+                return call.answer.result()
+            group = _group(line, self._options)
+            if len(group) == 1:
+                return await self._send(room_id, body)
+            return await self._send_coalesced(room_id, group)
+
+    async def _send_coalesced(self, room_id: str, group: list[_Waiting]) -> wire.PersistResponse:
+        """Send the events of several waiting calls as one request (the first
+        call's), and answer the others: they then find their answer when
+        their turn comes, without a request of their own.
+
+        The request is atomic, so they all commit or none does, as if sent
+        one after the other with no failure. If it is refused, nothing was
+        written and no call can be told which event was at fault: each call
+        then goes alone, this one at once, the others at their turn. A
+        failure that concerns the room, not its events (the deadline, an
+        unknown owner), is every call's.
+        """
+        first = group[0]
+        events = [event for call in group for event in call.events]
+        body = encode_request(first.room_version, events, first.backfilled)
+        try:
+            response = await self._send(room_id, body)
+        except (PersistRejected, ServerError):
+            self.stats.coalesced_refused += 1
+            for call in group:
+                call.alone = True
+            return await self._send(room_id, first.body)
+        except ClientError as exc:
+            for call in group[1:]:
+                if not call.answer.done():
+                    call.answer.set_exception(_copy_of(exc))
+            raise
+        if len(response.results) != len(events):
+            raise ServerError(
+                room_id, 200, "M_BAD_ANSWER",
+                f"{len(response.results)} results for {len(events)} events",
+            )  # fmt: skip
+        answers = _split(response, group)
+        for call, answer in zip(group[1:], answers[1:], strict=True):
+            if not call.answer.done():
+                call.answer.set_result(answer)
+        return answers[0]
 
     async def _send(self, room_id: str, body: bytes) -> wire.PersistResponse:
         loop = asyncio.get_running_loop()
@@ -721,6 +835,14 @@ def _decode_error(payload: bytes) -> wire.ErrorBody:
         # Not ours (a proxy's HTML page, say): keep a readable excerpt.
         text = payload[:200].decode("utf-8", "replace").strip()
         return wire.ErrorBody(errcode="M_UNKNOWN", error=text or "(empty body)")
+
+
+def _copy_of(exc: ClientError) -> ClientError:
+    """The same failure as a new exception, for another caller to raise."""
+    copy = type(exc).__new__(type(exc))  # its own __init__ signature varies
+    copy.args = exc.args
+    copy.__dict__.update(exc.__dict__)
+    return copy
 
 
 def _failure_exception(room_id: str, failure: _Failure) -> ClientError:

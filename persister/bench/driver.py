@@ -5,7 +5,8 @@ Both keep each room's requests in order, as an event creator must. In the
 closed loop a sender takes the oldest request whose room has nothing in
 flight, so one busy room cannot tie up all C senders. In the open loop
 requests leave at their scheduled times whatever happens; the client queues
-a room's requests behind each other, and that wait counts as latency.
+a room's requests behind each other (those waiting leave together when the
+room's turn comes), and that wait counts as latency.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import sys
@@ -248,6 +249,8 @@ async def _load(
     options = ClientOptions(
         connections_per_host=max(64, min(args.concurrency, 512)), deadline_s=CALL_DEADLINE_S
     )
+    if not args.coalesce:
+        options = dataclasses.replace(options, coalesce_max_events=0)
     phases: list[report.PhaseResult] = []
     acknowledged: set[str] = set()
     async with (
@@ -425,6 +428,8 @@ def _client_delta(before: Any, client: PersisterClient) -> dict[str, int]:
             "timeouts",
             "connection_errors",
             "unavailable",
+            "coalesced",
+            "coalesced_refused",
         )
     }
 

@@ -115,6 +115,13 @@ def _load_arguments(group: argparse._ArgumentGroup) -> None:
         "--concurrency", type=int, default=64, help="closed loop: requests in flight"
     )
     group.add_argument("--rate", type=float, default=None, help="open loop: target events/s")
+    group.add_argument(
+        "--no-coalesce",
+        dest="coalesce",
+        action="store_false",
+        help="open loop: send every request on its own, even those of a room that wait "
+        "behind its request in flight (the client coalesces them by default)",
+    )
     group.add_argument("--open-fraction", type=float, default=0.5)
     group.add_argument(
         "--duration", type=float, default=20.0, help="seconds per phase, warm-up included"

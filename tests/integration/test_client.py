@@ -396,9 +396,12 @@ async def test_requests_of_one_room_arrive_one_at_a_time_in_call_order(fakes):
     fakes[0].behave = random_delay
     async with make_client(fakes) as client:
         await asyncio.gather(*(client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(20)))
-    sent = [a.body["events"][0]["event_id"] for a in fakes[0].arrivals]
-    assert sent == [f"$e{n}" for n in range(20)]
+    assert sent_event_ids(fakes[0]) == [f"$e{n}" for n in range(20)]
     assert fakes[0].max_in_flight_per_room == 1
+
+
+def sent_event_ids(fake: FakePersister) -> list[str]:
+    return [e["event_id"] for a in fake.arrivals for e in a.body["events"]]
 
 
 async def test_a_retried_request_is_not_overtaken_by_a_later_one_of_the_same_room(fakes):
@@ -453,6 +456,166 @@ async def test_a_failed_request_does_not_block_the_rooms_later_requests(fakes):
         )
     assert isinstance(first, InvalidRequest)
     assert isinstance(second, wire.PersistResponse)
+
+
+# -- calls waiting behind a room's request leave together ---------------------------
+
+
+def held_until(release: asyncio.Event) -> Behaviour:
+    """Hold the first request until `release`, answer the others at once."""
+    held = [False]
+
+    async def behave(fake, request, room_id, body):
+        if not held[0]:
+            held[0] = True
+            await asyncio.wait_for(release.wait(), 2)
+        return await answer_ok(fake, request, room_id, body)
+
+    return behave
+
+
+async def calls_queued_behind_a_held_request(
+    client: PersisterClient, release: asyncio.Event, calls: Sequence[Awaitable[Any]]
+) -> list[Any]:
+    """Start `calls` in order; the first request is held until all are waiting."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    await asyncio.sleep(0.05)
+    release.set()
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_calls_waiting_behind_a_rooms_request_leave_as_one_and_each_gets_its_own_results(
+    fakes,
+):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes) as client:
+        answers = await calls_queued_behind_a_held_request(
+            client, release, [client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(6)]
+        )
+        assert client.stats.coalesced == 4
+    assert [len(a.body["events"]) for a in fakes[0].arrivals] == [1, 5]
+    assert sent_event_ids(fakes[0]) == [f"$e{n}" for n in range(6)]
+    assert [[r.event_id for r in a.results] for a in answers] == [[f"$e{n}"] for n in range(6)]
+    assert [a.results[0].stream_ordering for a in answers] == [1, 2, 3, 4, 5, 6]
+    assert {a.position for a in answers[1:]} == {wire.Position("w0", 6)}
+
+
+async def test_a_refused_coalesced_request_sends_each_call_alone_so_only_the_bad_one_fails(fakes):
+    release = asyncio.Event()
+    held = held_until(release)
+
+    async def refuse_e3(fake, request, room_id, body):
+        if "$e3" in [e["event_id"] for e in body["events"]]:
+            return web.json_response({"errcode": "M_BAD_JSON", "error": "$e3 is bad"}, status=400)
+        return await held(fake, request, room_id, body)
+
+    fakes[0].behave = refuse_e3
+    async with make_client(fakes) as client:
+        answers = await calls_queued_behind_a_held_request(
+            client, release, [client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(5)]
+        )
+        assert client.stats.coalesced_refused == 1
+    assert [len(a.body["events"]) for a in fakes[0].arrivals] == [1, 4, 1, 1, 1, 1]
+    assert isinstance(answers[3], InvalidRequest)
+    assert "$e3 is bad" in answers[3].error
+    good = [answers[n] for n in (0, 1, 2, 4)]
+    assert [a.results[0].event_id for a in good] == ["$e0", "$e1", "$e2", "$e4"]
+
+
+async def test_coalesced_requests_keep_to_the_event_and_byte_caps(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    options = ClientOptions(coalesce_max_events=3, coalesce_max_bytes=10_000)
+    async with make_client(fakes, options=options) as client:
+        big = {"pdu": {"type": "m.room.message", "body": "x" * 6_000}, "event_id": "$big"}
+        await calls_queued_behind_a_held_request(
+            client, release,
+            [client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(5)]
+            + [client.persist(ROOM_OF_W0, "10", [big]), client.persist(ROOM_OF_W0, "10", [big])],
+        )  # fmt: skip
+    assert [len(a.body["events"]) for a in fakes[0].arrivals] == [1, 3, 2, 1]
+    assert sent_event_ids(fakes[0]) == [f"$e{n}" for n in range(5)] + ["$big", "$big"]
+
+
+async def test_only_calls_of_the_same_room_version_and_kind_leave_together(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes) as client:
+        await calls_queued_behind_a_held_request(
+            client, release,
+            [client.persist(ROOM_OF_W0, "10", [event(0)]),
+             client.persist(ROOM_OF_W0, "10", [event(1)]),
+             client.persist(ROOM_OF_W0, "10", [event(2)], backfilled=True),
+             client.persist(ROOM_OF_W0, "11", [event(3)]),
+             client.persist(ROOM_OF_W0, "11", [event(4)])],
+        )  # fmt: skip
+    sent = [(a.body["room_version"], a.body["backfilled"], len(a.body["events"]))
+            for a in fakes[0].arrivals]  # fmt: skip
+    assert sent == [("10", False, 1), ("10", False, 1), ("10", True, 1), ("11", False, 2)]
+
+
+async def test_coalescing_can_be_turned_off(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes, options=ClientOptions(coalesce_max_events=0)) as client:
+        await calls_queued_behind_a_held_request(
+            client, release, [client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(4)]
+        )
+    assert [len(a.body["events"]) for a in fakes[0].arrivals] == [1, 1, 1, 1]
+
+
+async def test_a_coalesced_request_that_gives_up_fails_every_call_it_carried(fakes):
+    release = asyncio.Event()
+    held = held_until(release)
+
+    async def unavailable_after_first(fake, request, room_id, body):
+        if fake.arrivals[0].body is body:
+            return await held(fake, request, room_id, body)
+        return await unavailable("0.05")(fake, request, room_id, body)
+
+    fakes[0].behave = unavailable_after_first
+    options = ClientOptions(deadline_s=0.4, backoff_initial_s=0.01)
+    async with make_client(fakes, options=options) as client:
+        started = time.monotonic()
+        answers = await calls_queued_behind_a_held_request(
+            client, release, [client.persist(ROOM_OF_W0, "10", [event(n)]) for n in range(4)]
+        )
+    assert isinstance(answers[0], wire.PersistResponse)
+    assert all(isinstance(a, PersistUnavailable) for a in answers[1:])
+    assert {a.room_id for a in answers[1:]} == {ROOM_OF_W0}
+    assert time.monotonic() - started < 1.5  # one deadline for all, not one each
+    assert all(len(a.body["events"]) == 3 for a in fakes[0].arrivals[1:])
+
+
+async def test_calls_carried_by_a_cancelled_call_send_their_events_themselves(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes) as client:
+        first = asyncio.ensure_future(client.persist(ROOM_OF_W0, "10", [event(0)]))
+        await asyncio.sleep(0.02)
+        # Behind the held request: e1 leads e2 and e3 when its turn comes.
+        rest = [asyncio.ensure_future(client.persist(ROOM_OF_W0, "10", [event(n)]))
+                for n in (1, 2, 3)]  # fmt: skip
+        await asyncio.sleep(0.02)
+        slow_leader = fakes[0].behave
+        in_flight = asyncio.Event()
+
+        async def hold_the_group(fake, request, room_id, body):
+            if len(body["events"]) == 3:
+                in_flight.set()
+                await asyncio.sleep(5)
+            return await slow_leader(fake, request, room_id, body)
+
+        fakes[0].behave = hold_the_group
+        release.set()
+        await first
+        await asyncio.wait_for(in_flight.wait(), 2)
+        rest[0].cancel()
+        answers = await asyncio.gather(*rest, return_exceptions=True)
+    assert isinstance(answers[0], asyncio.CancelledError)
+    assert [a.results[0].event_id for a in answers[1:]] == ["$e2", "$e3"]
+    assert [len(a.body["events"]) for a in fakes[0].arrivals] == [1, 3, 2]
 
 
 # -- errors that are not retried ------------------------------------------------------
