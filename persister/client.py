@@ -777,7 +777,7 @@ class PersisterClient:
             delay = min(delay * 2, 2.0)
 
     async def _pump(self, pubsub: PubSub) -> None:
-        while True:
+        while not self._closed:  # see StreamReader._pump
             message = await pubsub.get_message(timeout=1.0)
             if message is None:
                 await pubsub.ping()  # a half-open connection shows as an error here

@@ -104,6 +104,8 @@ MAX_EARLY_MESSAGES: Final = 100_000
 # (a half-open TCP connection never errors): ping, and reconnect if even
 # the pong does not come.
 PING_INTERVAL_S: Final = 1.0
+# How long close() waits for its tasks to end once cancelled.
+CLOSE_TIMEOUT_S: Final = 5.0
 SILENCE_LIMIT_S: Final = 5.0
 RETRY_INITIAL_S: Final = 0.05
 RETRY_MAX_S: Final = 1.0
@@ -454,11 +456,19 @@ class StreamReader:
     async def close(self) -> None:
         self._closed = True
         self._notify()
-        for task in (self._listener, self._refresh, self._map_poller, *self._background):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._listener, self._refresh, self._map_poller, *self._background)
+                 if t is not None]  # fmt: skip
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            ended, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            for task in ended:
+                if not task.cancelled() and task.exception() is not None:
+                    logger.warning("stream reader: %s had failed: %r",
+                                   task.get_name(), task.exception())  # fmt: skip
+            if stuck:
+                logger.warning("stream reader: %s did not stop when cancelled",
+                               ", ".join(t.get_name() for t in stuck))  # fmt: skip
         self._listener = self._refresh = self._map_poller = None
         await self._drop_connection()
         if self._map_conn is not None:
@@ -635,7 +645,9 @@ class StreamReader:
     async def _pump(self, pubsub: PubSub) -> None:
         loop = asyncio.get_running_loop()
         last_heard = last_ping = loop.time()
-        while True:
+        # Not `while True`: a cancellation that redis-py turns into a read
+        # timeout would keep this loop, hence close(), going for ever.
+        while not self._closed:
             message = await pubsub.get_message(timeout=PING_INTERVAL_S)
             now = loop.time()
             if message is not None:

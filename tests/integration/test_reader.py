@@ -327,6 +327,28 @@ async def test_rows_ends_when_the_reader_closes(make_reader: ReaderFactory) -> N
     assert await asyncio.wait_for(task, 2.0) == []
 
 
+async def test_close_ends_even_when_redis_py_swallows_the_cancellation(
+    make_reader: ReaderFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cancellation that lands as redis-py's own read timeout expires can
+    # come back as "no message": the listener must still stop.
+    from redis.asyncio.client import PubSub
+
+    real_get_message = PubSub.get_message
+
+    async def swallowing_get_message(self: PubSub, *args: object, **kwargs: object) -> object:
+        try:
+            return await real_get_message(self, *args, **kwargs)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return None
+
+    monkeypatch.setattr(PubSub, "get_message", swallowing_get_message)
+    reader = await make_reader(["w1"])
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(reader.close(), 3.0)
+
+
 async def test_wait_for_answers_false_on_timeout_and_true_once_complete(
     make_reader: ReaderFactory, hand: Hand
 ) -> None:
