@@ -47,9 +47,14 @@ class InstanceLocation(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class PersistLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_batch_events: int = 1000
-    # How long the batch loop waits for more work after the first request
-    # of a batch, when the database is idle. Zero means "send at once".
+    # How long an idle lane waits after the first request of a batch for
+    # more work to join it. Zero means "send at once".
     max_batch_delay_ms: float = 0.0
+    # A lane sends its write only once the writer's lower orderings have
+    # finished, so lanes commit in the order they drew: stream lag p99
+    # about halves, persist latency p99 grows by about as much again
+    # (bench/README.md).
+    commit_in_draw_order: bool = False
     max_queued_events: int = 20_000
     max_queued_bytes: int = 128 * 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024

@@ -56,6 +56,8 @@ def build_writer(config: Config, instance: str) -> Writer:
         database_url=database_url,
         max_batch_events=limits.max_batch_events,
         connect_timeout_s=config.database.connect_timeout_s,
+        commit_in_draw_order=limits.commit_in_draw_order,
+        max_batch_delay_s=limits.max_batch_delay_ms / 1000,
     )
     budget = Budget(limits.max_queued_events, limits.max_queued_bytes, limits.retry_after_s)
     owners = LiveShardMap(database_url, tuple(config.stream_writers.events), config.sharding)

@@ -86,6 +86,12 @@ class LaneSettings:
     database_url: str
     max_batch_events: int
     connect_timeout_s: float
+    # Send a batch's write only once every lower ordering this writer drew
+    # has finished (see Lane._write_batch).
+    commit_in_draw_order: bool = False
+    # A lane that was idle waits this long after the first request for
+    # others to join its batch (persist.max_batch_delay_ms).
+    max_batch_delay_s: float = 0.0
 
 
 class Lane:
@@ -107,6 +113,9 @@ class Lane:
         self.budget = budget
         self.on_commit = on_commit
         self.queue = LaneQueue()
+        # Returns once the writer's position is at least the given ordering;
+        # the writer sets it (its position rises as any lane commits).
+        self.wait_position: Callable[[int], Awaitable[None]] = _no_wait
         self.connection: AsyncConnection[tuple[object, ...]] | None = None
         self.busy = False
         self._connect_lock = asyncio.Lock()
@@ -146,9 +155,12 @@ class Lane:
     async def run(self) -> None:
         """The batch loop; runs until cancelled."""
         while True:
+            was_idle = not self.queue.pending
             if not await self._wait_for_work(IDLE_CHECK_S):
                 await self._check_idle_connection()
                 continue
+            if was_idle and self.settings.max_batch_delay_s > 0:
+                await asyncio.sleep(self.settings.max_batch_delay_s)
             batch = self._park_gained(self.queue.take(self.settings.max_batch_events))
             if not batch:
                 continue
@@ -416,6 +428,16 @@ class Lane:
         del allocated[forward_count:]
         self.positions.finish(spare)
         forward = allocated
+        if forward and self.settings.commit_in_draw_order:
+            # Lanes draw from one sequence, so a lane that commits while
+            # another lane's lower orderings are open has its events held
+            # back from readers until that other transaction ends: the
+            # stream lag was a whole transaction at p99. Waiting here for
+            # the position to reach just below our first ordering makes
+            # the lanes commit in the order they drew; their first round
+            # trips still overlap. The lane holding the lowest open ordering
+            # never waits, so they cannot wait on each other in a circle.
+            await self.wait_position(forward[0] - 1)
         orderings = _interleave(plan.new_backfilled, forward, backfill)
         position = self.positions.position_if_finished(forward) if forward else None
         await events_txn.write_plan_txn(
@@ -526,6 +548,10 @@ def _committed(
         forward_extremities=extremities,
         by_type_class=Counter(type_class(e.type, e.state_key) for e in plan.new_events),
     )
+
+
+async def _no_wait(position: int) -> None:
+    return None
 
 
 def _fail_all(batch: Sequence[PendingRequest], error: PersisterError) -> None:

@@ -68,6 +68,9 @@ class Writer:
                  self.liveness)
             for _ in range(lanes)
         ]  # fmt: skip
+        self._advanced = asyncio.Event()  # set, and replaced, at every rise of the position
+        for lane in self.lanes:
+            lane.wait_position = self._wait_position
         self.accepting = False
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,7 +93,7 @@ class Writer:
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"cannot reach the database: {exc}") from None
         self.positions = WriterPositions(
-            self.instance, start, on_advance=self.publisher.announce, on_drawn=self._drawn
+            self.instance, start, on_advance=self._advanced_to, on_drawn=self._drawn
         )
         for lane in self.lanes:
             lane.positions = self.positions
@@ -117,6 +120,15 @@ class Writer:
             task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
             task.add_done_callback(self._task_ended)
             self._tasks.append(task)
+
+    def _advanced_to(self, position: int) -> None:
+        self.publisher.announce(position)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def _wait_position(self, at_least: int) -> None:
+        while self.positions.position() < at_least:
+            await self._advanced.wait()
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self.failed.done():
