@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -77,6 +78,8 @@ class CrashSettings:
     events: int = 40_000
     rate: float | None = 1500.0  # events/s offered
     seed: int = 1
+    # Layered over the pool's config, e.g. {"persist": {"commit_in_draw_order": True}}.
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,7 +103,7 @@ async def run_crash_loop(
     database_url = server.url(database)
     await migrate(database_url)
     names = [f"crash{i + 1}" for i in range(settings.instances)]
-    config_path = write_config(settings.folder, database_url, redis_url, names)
+    config_path = write_config(settings.folder, database_url, redis_url, names, settings.config)
     fleet = Fleet(settings.folder, config_path, hooked=True)
     try:
         return await _run(settings, fleet, database_url)
@@ -294,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s offered")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--commit-in-draw-order", action="store_true", help="the opt-in lane setting"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, default=Path("/tmp") / f"crash-loop-{int(time.time())}")
     args = parser.parse_args(argv)
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds, folder=args.out, instances=args.instances, rooms=args.rooms,
         concurrency=args.concurrency, events=args.events or int(args.seconds * args.rate * 1.2),
         rate=args.rate, seed=args.seed,
+        config={"persist": {"commit_in_draw_order": args.commit_in_draw_order}},
     )  # fmt: skip
     server = PrivatePostgres.create(CLUSTER_SETTINGS)
     try:

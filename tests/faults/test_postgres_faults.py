@@ -184,8 +184,9 @@ def _drop(server: PrivatePostgres, database_url: str) -> None:
         )
 
 
+@pytest.mark.parametrize("commit_in_draw_order", [False, True], ids=["default", "in-draw-order"])
 async def test_a_commit_whose_answer_was_lost_is_settled_before_the_position_passes_it(
-    private_postgres: PrivatePostgres, redis_url: str, tmp_path: Path
+    private_postgres: PrivatePostgres, redis_url: str, tmp_path: Path, commit_in_draw_order: bool
 ) -> None:
     """The lane's COMMIT reaches the server and lands, but the connection
     drops before the answer, and for 2 s the database cannot be reached to
@@ -206,7 +207,10 @@ async def test_a_commit_whose_answer_was_lost_is_settled_before_the_position_pas
     try:
         async with Scenario(
             tmp_path, private_postgres.url(name), redis_url, seconds_hint=12,
-            config={"database": {"url": proxy.url(name)}},
+            config={
+                "database": {"url": proxy.url(name)},
+                "persist": {"commit_in_draw_order": commit_in_draw_order},
+            },
         ) as s:  # fmt: skip
             await s.run(lose_a_commit)
             verdict = await s.finish()
