@@ -29,6 +29,9 @@ refused or dropped, or a timeout).
 Calls for a room that wait behind its request in flight leave together as
 one request when their turn comes (`ClientOptions.coalesce_max_events`), and
 each gets its own results; if that request is refused, each is sent alone.
+Requests of different rooms that leave for one persister in the same turn
+of the event loop share one HTTP request (`persister.batching`), each still
+answered, retried and redirected on its own.
 
 Routing follows the stored shard map (contract section 7): the client
 places rooms by a `ShardMap` (epoch, writers, scheme, pins), seeded from
@@ -46,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import functools
 import logging
 import math
 import random
@@ -56,7 +58,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -65,6 +66,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from persister import errors, wire
+from persister.batching import Answer, Batcher, persist_url
 from persister.config import Config
 from persister.replication.publisher import redis_client
 from persister.replication.shardmap import SHARD_MAP_PATH, decode_announcement
@@ -164,6 +166,10 @@ class ClientOptions:
     # as one request of at most this many events and bytes (0: never).
     coalesce_max_events: int = 1000
     coalesce_max_bytes: int = 1024 * 1024
+    # Requests for different rooms issued in the same turn of the event loop
+    # go to their persister as one HTTP request of at most this many (and
+    # coalesce_max_bytes), each answered as if alone (0 or 1: never).
+    batch_max_requests: int = 256
     # The whole call, retries included, counted from when the room's earlier
     # requests are done (waiting for them is not this request's fault);
     # then PersistUnavailable.
@@ -196,6 +202,10 @@ class ClientStats:
     coalesced: int = 0
     # Requests of several calls refused as a whole: their calls went alone.
     coalesced_refused: int = 0
+    # Requests sent in a batch with other rooms' (`persister.batching`), and
+    # those of them refused as a whole (then each was sent alone).
+    batched: int = 0
+    batched_refused: int = 0
 
     def snapshot(self) -> ClientStats:
         return replace(self)
@@ -379,15 +389,6 @@ def encode_request(
     return wire.encoder.encode(body)
 
 
-@functools.lru_cache(maxsize=4096)  # quoting and parsing cost ~7 µs a call
-def persist_url(host: str, port: int, room_id: str) -> yarl.URL:
-    # The room ID is percent-encoded as one path segment ("!" and ":" too),
-    # and yarl is told so, lest it re-quote or normalise it.
-    path = f"/_persist/v1/rooms/{quote(room_id, safe='')}/events"
-    netloc = f"[{host}]" if ":" in host else host
-    return yarl.URL(f"http://{netloc}:{port}{path}", encoded=True)
-
-
 def shard_map_url(host: str, port: int) -> yarl.URL:
     netloc = f"[{host}]" if ":" in host else host
     return yarl.URL(f"http://{netloc}:{port}{SHARD_MAP_PATH}", encoded=True)
@@ -425,6 +426,12 @@ class PersisterClient:
         self._learned: dict[str, str] = {}
         self._rooms = _RoomQueue()
         self._http: aiohttp.ClientSession | None = None
+        self._batcher = Batcher(
+            self._post,
+            request_timeout_s=self._options.request_timeout_s,
+            max_requests=self._options.batch_max_requests,
+            max_bytes=self._options.coalesce_max_bytes,
+        )
         self._closed = False
         self._map_read: asyncio.Task[ShardMap] | None = None
         self._adopted = asyncio.Event()  # set (and replaced) when a newer map is adopted
@@ -634,26 +641,36 @@ class PersisterClient:
 
     async def _attempt(self, owner: str, room_id: str, body: bytes, budget_s: float) -> _Outcome:
         host, port = self._instances[owner]
-        timeout = aiohttp.ClientTimeout(total=min(self._options.request_timeout_s, budget_s))
+        timeout_s = min(self._options.request_timeout_s, budget_s)
         self.stats.attempts += 1
         try:
-            async with self._session().post(
-                persist_url(host, port, room_id), data=body, headers=self._headers, timeout=timeout
-            ) as answer:
-                payload = await answer.read()
-                return self._interpret(owner, room_id, answer.status, answer.headers, payload)
+            if self._options.batch_max_requests > 1:
+                answer = await self._batcher.exchange((host, port), room_id, body, timeout_s)
+            else:
+                answer = await self._post(persist_url(host, port, room_id), body, timeout_s)
         except TimeoutError:
             self.stats.timeouts += 1
-            return _Retry(_Failure(0, "M_TIMEOUT", f"{owner} did not answer in {timeout.total}s"))
+            return _Retry(_Failure(0, "M_TIMEOUT", f"{owner} did not answer in {timeout_s}s"))
         except aiohttp.ClientError as exc:
             # Refused, reset, or dropped before the whole answer arrived: the
             # request may or may not have been committed, and resending is
             # safe either way.
             self.stats.connection_errors += 1
             return _Retry(_Failure(0, "M_CONNECTION", f"{owner}: {exc!r}"))
+        finally:
+            self.stats.batched = self._batcher.batches
+            self.stats.batched_refused = self._batcher.refused
+        return self._interpret(owner, room_id, *answer)
+
+    async def _post(self, url: yarl.URL, body: bytes, timeout_s: float) -> Answer:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self._session().post(
+            url, data=body, headers=self._headers, timeout=timeout
+        ) as answer:
+            return answer.status, answer.headers.get("Retry-After"), await answer.read()
 
     def _interpret(
-        self, owner: str, room_id: str, status: int, headers: Mapping[str, str], payload: bytes
+        self, owner: str, room_id: str, status: int, retry_after: str | None, payload: bytes
     ) -> _Outcome:
         if status == 200:
             return self._decode_success(owner, room_id, payload)
@@ -663,7 +680,7 @@ class PersisterClient:
             return self._redirect(owner, room_id, body, failure)
         if status in _RETRYABLE_STATUSES:
             self.stats.unavailable += 1
-            return _Retry(failure, parse_retry_after(headers.get("Retry-After")))
+            return _Retry(failure, parse_retry_after(retry_after))
         raise _failure_exception(room_id, failure)
 
     def _decode_success(self, owner: str, room_id: str, payload: bytes) -> wire.PersistResponse:
@@ -808,6 +825,7 @@ class PersisterClient:
 
     async def close(self) -> None:
         self._closed = True
+        await self._batcher.close()
         tasks = [*self._followers, *([self._map_read] if self._map_read else [])]
         for task in tasks:
             task.cancel()

@@ -46,6 +46,38 @@ class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
     owner: str | None = None
 
 
+# Where `BatchRequest`s go (the rooms' own endpoint is in the contract).
+BATCH_PATH = "/_persist/v1/batch"
+
+
+class BatchItem(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    room_id: str
+    # The body the room's own endpoint takes, checked exactly as there.
+    request: msgspec.Raw
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Several rooms' persist requests in one HTTP request (an extension of
+    the contract's API: `persister.http.app.persist_batch`)."""
+
+    requests: list[BatchItem]
+
+
+class BatchAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the room's own endpoint would have answered that request."""
+
+    status: int
+    # A PersistResponse when status is 200, else an ErrorBody.
+    body: msgspec.Raw
+    retry_after_s: int | None = None
+
+
+class BatchResponse(msgspec.Struct, frozen=True):
+    responses: list[BatchAnswer]
+
+
 request_decoder = msgspec.json.Decoder(PersistRequest)
 response_decoder = msgspec.json.Decoder(PersistResponse)
+batch_request_decoder = msgspec.json.Decoder(BatchRequest)
+batch_response_decoder = msgspec.json.Decoder(BatchResponse)
 encoder = msgspec.json.Encoder()

@@ -251,6 +251,7 @@ async def _load(
     )
     if not args.coalesce:
         options = dataclasses.replace(options, coalesce_max_events=0)
+    options = dataclasses.replace(options, batch_max_requests=args.batch_max_requests)
     phases: list[report.PhaseResult] = []
     acknowledged: set[str] = set()
     async with (
@@ -430,6 +431,8 @@ def _client_delta(before: Any, client: PersisterClient) -> dict[str, int]:
             "unavailable",
             "coalesced",
             "coalesced_refused",
+            "batched",
+            "batched_refused",
         )
     }
 

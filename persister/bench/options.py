@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from persister.bench.workload import WorkloadSpec
+from persister.client import ClientOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +122,13 @@ def _load_arguments(group: argparse._ArgumentGroup) -> None:
         action="store_false",
         help="open loop: send every request on its own, even those of a room that wait "
         "behind its request in flight (the client coalesces them by default)",
+    )
+    group.add_argument(
+        "--batch-max-requests",
+        type=int,
+        default=ClientOptions().batch_max_requests,
+        help="the client sends requests of different rooms that leave at the same moment "
+        "to their persister in HTTP requests of at most this many; 0: each alone",
     )
     group.add_argument("--open-fraction", type=float, default=0.5)
     group.add_argument(

@@ -23,7 +23,14 @@ from persister.replication.catchup import CATCH_UP_PATH, StreamRows
 from persister.replication.shardmap import SHARD_MAP_PATH
 from persister.sharding import ShardMap
 from persister.status import HEALTH_PATH, STATUS_PATH, InstanceStatusBody
-from persister.wire import ErrorBody, PersistRequest, PersistResponse
+from persister.wire import (
+    BATCH_PATH,
+    BatchRequest,
+    BatchResponse,
+    ErrorBody,
+    PersistRequest,
+    PersistResponse,
+)
 
 OPENAPI_PATH: Final = "/_persist/v1/openapi.json"
 PERSIST_PATH: Final = "/_persist/v1/rooms/{room_id}/events"
@@ -129,6 +136,41 @@ def _persist_operation(refs: dict[str, str]) -> JsonObject:
     }
 
 
+def _batch_operation(refs: dict[str, str]) -> JsonObject:
+    return {
+        "operationId": "persistBatch",
+        "summary": "Persist requests of several rooms, each as its room's call would",
+        "description": (
+            "Not in the contract: an addition the persister's own client uses to send the "
+            "requests of different rooms that leave at the same moment in one HTTP exchange. "
+            "Each `request` is the body of its room's persist call and is handled exactly as "
+            "that call would be (its own transaction); its answer holds the status and body "
+            "that call would have answered, and `retry_after_s` where that would be the "
+            "Retry-After header. A room may appear once per batch."
+        ),
+        "security": [{"replicationSecret": []}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": refs["BatchRequest"]}}},
+        },
+        "responses": {
+            "200": _json(
+                refs["BatchResponse"],
+                "One answer per request, in request order, whatever each answer's status.",
+            ),
+            "400": _json(
+                refs["ErrorBody"],
+                "Malformed JSON or schema, no request, more requests than "
+                "persist.max_events_per_request, or a room named twice. Nothing was persisted.",
+            ),
+            "401": _json(refs["ErrorBody"], "Missing or wrong secret."),
+            "408": _json(refs["ErrorBody"], "The request body did not arrive in time."),
+            "413": _json(refs["ErrorBody"], "The request body is over persist.max_body_bytes."),
+            "415": _json(refs["ErrorBody"], "The Content-Type is not application/json."),
+        },
+    }
+
+
 def _catch_up_operation(refs: dict[str, str]) -> JsonObject:
     def integer(name: str, required: bool, description: str) -> JsonObject:
         return {
@@ -164,6 +206,7 @@ def _catch_up_operation(refs: dict[str, str]) -> JsonObject:
 def _paths(refs: dict[str, str]) -> JsonObject:
     return {
         PERSIST_PATH: {"post": _persist_operation(refs)},
+        BATCH_PATH: {"post": _batch_operation(refs)},
         HEALTH_PATH: {
             "get": {
                 "operationId": "health",
@@ -223,7 +266,16 @@ def _paths(refs: dict[str, str]) -> JsonObject:
 
 def openapi_document() -> JsonObject:
     """The whole document, built from the Structs each time (it is cheap)."""
-    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody, StreamRows, ShardMap)
+    structs = (
+        PersistRequest,
+        PersistResponse,
+        BatchRequest,
+        BatchResponse,
+        ErrorBody,
+        InstanceStatusBody,
+        StreamRows,
+        ShardMap,
+    )
     top, components = msgspec.json.schema_components(structs, ref_template=_REF)
     refs = {struct.__name__: schema["$ref"] for struct, schema in zip(structs, top, strict=True)}
     components["EventEnvelope"]["properties"]["pdu"] = _PDU_SCHEMA

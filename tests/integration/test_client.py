@@ -12,6 +12,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -57,11 +58,15 @@ class FakePersister:
         self.max_in_flight_per_room = 0
         self.next_ordering = 1
         self.port = 0
+        # Rooms of each batch request (`persister.batching`); False: 404 to them.
+        self.batches: list[list[str]] = []
+        self.takes_batches = True
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/_persist/v1/rooms/{room_id}/events", self._handle)
+        app.router.add_post(wire.BATCH_PATH, self._handle_batch)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -78,7 +83,9 @@ class FakePersister:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         room_id = request.match_info["room_id"]
-        body = json.loads(await request.read())
+        return await self._answer(request, room_id, json.loads(await request.read()))
+
+    async def _answer(self, request: web.Request, room_id: str, body: Body) -> web.StreamResponse:
         self.arrivals.append(Arrival(room_id, body, request.headers.get("Authorization")))
         self.in_flight[room_id] = self.in_flight.get(room_id, 0) + 1
         self.max_in_flight_per_room = max(self.max_in_flight_per_room, self.in_flight[room_id])
@@ -86,6 +93,25 @@ class FakePersister:
             return await self.behave(self, request, room_id, body)
         finally:
             self.in_flight[room_id] -= 1
+
+    async def _handle_batch(self, request: web.Request) -> web.StreamResponse:
+        """Each request of the batch is answered by `behave`, as if alone."""
+        if not self.takes_batches:
+            raise web.HTTPNotFound()
+        items = json.loads(await request.read())["requests"]
+        self.batches.append([item["room_id"] for item in items])
+        answers = await asyncio.gather(
+            *(self._answer(request, item["room_id"], item["request"]) for item in items)
+        )
+        return web.json_response({"responses": [_batch_answer(a) for a in answers]})
+
+
+def _batch_answer(response: web.StreamResponse) -> Body:
+    assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+    answer: Body = {"status": response.status, "body": json.loads(response.body)}
+    if (retry_after := response.headers.get("Retry-After")) is not None:
+        answer["retry_after_s"] = int(float(retry_after))
+    return answer
 
 
 async def answer_ok(
@@ -456,6 +482,86 @@ async def test_a_failed_request_does_not_block_the_rooms_later_requests(fakes):
         )
     assert isinstance(first, InvalidRequest)
     assert isinstance(second, wire.PersistResponse)
+
+
+# -- requests of different rooms that leave together share an HTTP request ----------
+
+ROOMS = [f"!batch{n}:example.org" for n in range(5)]
+
+
+def by_room(behaviours: dict[str, Behaviour], default: Behaviour = answer_ok) -> Behaviour:
+    async def behave(fake, request, room_id, body):
+        return await behaviours.get(room_id, default)(fake, request, room_id, body)
+
+    return behave
+
+
+async def persist_together(client: PersisterClient, rooms: Sequence[str]) -> list[Any]:
+    calls = [client.persist(room, "10", [event(n)]) for n, room in enumerate(rooms)]
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_requests_of_different_rooms_issued_together_leave_as_one_and_each_gets_its_answer(
+    fakes,
+):
+    async with make_client(fakes, writers=("w0",)) as client:
+        answers = await persist_together(client, ROOMS[:3])
+    assert fakes[0].batches == [ROOMS[:3]]
+    assert [a.results[0].event_id for a in answers] == ["$e0", "$e1", "$e2"]
+    assert len({a.results[0].stream_ordering for a in answers}) == 3
+    assert client.stats.batched == 3 and client.stats.batched_refused == 0
+
+
+async def test_each_request_of_a_batch_meets_its_own_fate(fakes):
+    fakes[0].behave = by_room({
+        ROOMS[1]: answer_error(400, "M_BAD_JSON", "events[0].pdu: bad"),
+        ROOMS[2]: first_then(misdirect_to("w2")),
+        ROOMS[3]: first_then(unavailable("0")),
+    })  # fmt: skip
+    async with make_client(fakes, writers=("w0",)) as client:
+        ok, bad, moved, busy = await persist_together(client, ROOMS[:4])
+    assert isinstance(ok, wire.PersistResponse)
+    assert isinstance(bad, InvalidRequest) and bad.room_id == ROOMS[1]
+    assert isinstance(moved, wire.PersistResponse) and moved.position.instance == "w2"
+    assert isinstance(busy, wire.PersistResponse)
+    assert client.stats.redirects == 1 and client.stats.unavailable == 1
+
+
+async def test_a_persister_that_refuses_batches_gets_each_request_alone(fakes):
+    fakes[0].takes_batches = False
+    async with make_client(fakes, writers=("w0",)) as client:
+        answers = await persist_together(client, ROOMS[:3])
+    assert all(isinstance(a, wire.PersistResponse) for a in answers)
+    assert sorted(fakes[0].rooms_seen()) == sorted(ROOMS[:3])
+    assert client.stats.batched_refused == 3
+
+
+async def test_a_request_that_leaves_alone_goes_to_its_rooms_endpoint(fakes):
+    async with make_client(fakes, writers=("w0",)) as client:
+        await client.persist(ROOMS[0], "10", [event(1)])
+        await client.persist(ROOMS[1], "10", [event(2)])
+    assert fakes[0].batches == []
+    assert fakes[0].rooms_seen() == ROOMS[:2]
+
+
+async def test_a_batch_keeps_to_the_request_cap_and_batching_can_be_turned_off(fakes):
+    capped = replace(FAST, batch_max_requests=2)
+    async with make_client(fakes, capped, writers=("w0",)) as client:
+        await persist_together(client, ROOMS)
+    assert fakes[0].batches == [ROOMS[0:2], ROOMS[2:4]]  # the fifth went alone
+    assert sorted(fakes[0].rooms_seen()) == sorted(ROOMS)
+    fakes[0].batches.clear()
+    async with make_client(fakes, replace(FAST, batch_max_requests=0), writers=("w0",)) as client:
+        await persist_together(client, ROOMS)
+    assert fakes[0].batches == []
+
+
+async def test_a_batch_whose_answer_never_comes_is_retried_by_each_of_its_requests(fakes):
+    fakes[0].behave = first_then(drop_connection)
+    async with make_client(fakes, writers=("w0",)) as client:
+        answers = await persist_together(client, ROOMS[:3])
+    assert all(isinstance(a, wire.PersistResponse) for a in answers)
+    assert client.stats.connection_errors == 3
 
 
 # -- calls waiting behind a room's request leave together ---------------------------

@@ -16,7 +16,13 @@ from persister.http.openapi import OPENAPI_PATH, PERSIST_PATH, openapi_document,
 from persister.replication.catchup import StreamRows
 from persister.sharding import ShardMap
 from persister.status import InstanceStatusBody
-from persister.wire import ErrorBody, PersistRequest, PersistResponse
+from persister.wire import (
+    BatchRequest,
+    BatchResponse,
+    ErrorBody,
+    PersistRequest,
+    PersistResponse,
+)
 from persister.writer.service import Writer
 
 CHECKED_IN = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
@@ -32,7 +38,16 @@ def test_the_checked_in_document_is_current() -> None:
 
 def test_bodies_are_the_structs_schemas() -> None:
     document = openapi_document()
-    structs = (PersistRequest, PersistResponse, ErrorBody, InstanceStatusBody, StreamRows, ShardMap)
+    structs = (
+        PersistRequest,
+        PersistResponse,
+        BatchRequest,
+        BatchResponse,
+        ErrorBody,
+        InstanceStatusBody,
+        StreamRows,
+        ShardMap,
+    )
     template = "#/components/schemas/{name}"
     _, expected = msgspec.json.schema_components(structs, ref_template=template)
     schemas = document["components"]["schemas"]

@@ -1,0 +1,209 @@
+"""The client's HTTP requests to one persister, batched when they meet.
+
+Every persist request costs an HTTP exchange on both sides whatever it
+holds, and for single events that cost is most of the work. Requests for
+*different* rooms that the client issues in the same turn of the event
+loop (as happens when one commit answers many callers at once and they send
+their next events) leave together as one request to the persister's batch
+endpoint (`wire.BatchRequest`); each still gets its own answer, with its own
+status, exactly as its room's endpoint would have given it. A request that
+finds no other ready to go leaves at once, alone, to its room's endpoint:
+batching never makes a request wait for company.
+
+If a persister refuses a batch as a whole (for example one that predates the
+endpoint answers 404), its requests are sent again, each alone: the batch
+changed nothing, or changed what a resend reports as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+import yarl
+
+from persister import wire
+
+# What one exchange returns: status, Retry-After header (if any), body.
+Answer = tuple[int, str | None, bytes]
+# POSTs a body to a URL within a timeout; raises TimeoutError or aiohttp.ClientError.
+Post = Callable[[yarl.URL, bytes, float], Awaitable[Answer]]
+
+Address = tuple[str, int]
+
+# Above this, a persister would refuse the batch (persist.max_events_per_request
+# caps the requests of a batch too); the rest wait for the next one.
+DEFAULT_MAX_REQUESTS: Final = 256
+
+
+class BatchRefused(Exception):
+    """The persister did not take the batch as such: send the request alone."""
+
+
+@functools.lru_cache(maxsize=4096)  # quoting and parsing cost ~7 µs a call
+def persist_url(host: str, port: int, room_id: str) -> yarl.URL:
+    # The room ID is percent-encoded as one path segment ("!" and ":" too),
+    # and yarl is told so, lest it re-quote or normalise it.
+    path = f"/_persist/v1/rooms/{quote(room_id, safe='')}/events"
+    return yarl.URL(f"http://{_netloc(host)}:{port}{path}", encoded=True)
+
+
+def batch_url(host: str, port: int) -> yarl.URL:
+    return yarl.URL(f"http://{_netloc(host)}:{port}{wire.BATCH_PATH}", encoded=True)
+
+
+def _netloc(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    room_id: str
+    body: bytes
+    answer: asyncio.Future[Answer]
+
+
+@dataclass(slots=True)
+class _Outbox:
+    ready: list[_Request] = field(default_factory=list)
+    flush_scheduled: bool = False
+
+
+class Batcher:
+    """Per persister address, the requests issued in this turn of the loop."""
+
+    def __init__(
+        self,
+        post: Post,
+        *,
+        request_timeout_s: float,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        max_bytes: int = 1024 * 1024,
+    ) -> None:
+        self._post = post
+        self._request_timeout_s = request_timeout_s
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._outboxes: dict[Address, _Outbox] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        self.batches = 0  # requests that left in a batch of several
+        self.refused = 0  # ... and were refused as a whole
+
+    async def exchange(
+        self, address: Address, room_id: str, body: bytes, timeout_s: float
+    ) -> Answer:
+        """POST `body` for `room_id` to the persister at `address`, in a batch
+        if others leave at the same moment; its answer, as its room's
+        endpoint gives it."""
+        loop = asyncio.get_running_loop()
+        request = _Request(room_id, body, loop.create_future())
+        outbox = self._outboxes.setdefault(address, _Outbox())
+        outbox.ready.append(request)
+        if not outbox.flush_scheduled:
+            outbox.flush_scheduled = True
+            loop.call_soon(self._flush, address)
+        started = loop.time()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await request.answer
+        except BatchRefused:
+            remaining = timeout_s - (loop.time() - started)
+            if remaining <= 0:
+                raise TimeoutError from None
+            return await self._post(persist_url(*address, room_id), body, remaining)
+        finally:
+            if not request.answer.done():
+                # Given up (timeout, cancellation): if it has not left yet
+                # it never will, and if it has, nobody reads what comes back.
+                request.answer.cancel()
+
+    async def close(self) -> None:
+        for task in self._sending:
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def _flush(self, address: Address) -> None:
+        outbox = self._outboxes.pop(address, None)
+        if outbox is None:
+            return
+        ready = [r for r in outbox.ready if not r.answer.done()]
+        while ready:
+            batch = _take(ready, self._max_requests, self._max_bytes)
+            task = asyncio.get_running_loop().create_task(self._send(address, batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, address: Address, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1:
+                request = batch[0]
+                answers = [await self._post(persist_url(*address, request.room_id), request.body,
+                                            self._request_timeout_s)]  # fmt: skip
+            else:
+                answers = await self._send_batch(address, batch)
+        except asyncio.CancelledError:
+            for request in batch:
+                request.answer.cancel()
+            raise
+        except Exception as exc:  # every waiter must learn of it, not time out
+            for request in batch:
+                if not request.answer.done():
+                    request.answer.set_exception(_fresh(exc))
+            return
+        for request, answer in zip(batch, answers, strict=True):
+            if not request.answer.done():
+                request.answer.set_result(answer)
+
+    async def _send_batch(self, address: Address, batch: list[_Request]) -> list[Answer]:
+        self.batches += len(batch)
+        body = wire.encoder.encode(
+            wire.BatchRequest([wire.BatchItem(r.room_id, msgspec.Raw(r.body)) for r in batch])
+        )
+        status, _, payload = await self._post(batch_url(*address), body, self._request_timeout_s)
+        try:
+            if status != 200:
+                raise BatchRefused(f"batch answered {status}")
+            responses = wire.batch_response_decoder.decode(payload).responses
+            if len(responses) != len(batch):
+                raise BatchRefused(f"{len(responses)} answers for {len(batch)} requests")
+        except (BatchRefused, msgspec.DecodeError) as exc:
+            # Nothing, or only what a resend reports as duplicates, was written.
+            self.refused += len(batch)
+            raise BatchRefused(str(exc)) from None
+        return [
+            (a.status, None if a.retry_after_s is None else str(a.retry_after_s), bytes(a.body))
+            for a in responses
+        ]
+
+
+def _take(ready: list[_Request], max_requests: int, max_bytes: int) -> list[_Request]:
+    """Remove and return the first requests of `ready` that fit one batch
+    (at least one, whatever its size)."""
+    size = 0
+    count = 0
+    for request in ready:
+        size += len(request.body)
+        if count and (count >= max_requests or size > max_bytes):
+            break
+        count += 1
+    taken = ready[:count]
+    del ready[:count]
+    return taken
+
+
+def _fresh(exc: Exception) -> Exception:
+    """An exception like `exc` for each waiter (one instance raised in many
+    tasks would collect all their tracebacks)."""
+    if isinstance(exc, TimeoutError):
+        return TimeoutError()
+    if isinstance(exc, BatchRefused):
+        return BatchRefused(*exc.args)
+    if isinstance(exc, aiohttp.ClientError):
+        return aiohttp.ClientConnectionError(repr(exc))
+    return exc  # a bug: let it show
