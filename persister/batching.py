@@ -66,6 +66,7 @@ def _netloc(host: str) -> str:
 class _Request:
     room_id: str
     body: bytes
+    timeout_s: float
     answer: asyncio.Future[Answer]
 
 
@@ -82,12 +83,10 @@ class Batcher:
         self,
         post: Post,
         *,
-        request_timeout_s: float,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         max_bytes: int = 1024 * 1024,
     ) -> None:
         self._post = post
-        self._request_timeout_s = request_timeout_s
         self._max_requests = max_requests
         self._max_bytes = max_bytes
         self._outboxes: dict[Address, _Outbox] = {}
@@ -102,7 +101,7 @@ class Batcher:
         if others leave at the same moment; its answer, as its room's
         endpoint gives it."""
         loop = asyncio.get_running_loop()
-        request = _Request(room_id, body, loop.create_future())
+        request = _Request(room_id, body, timeout_s, loop.create_future())
         outbox = self._outboxes.setdefault(address, _Outbox())
         outbox.ready.append(request)
         if not outbox.flush_scheduled:
@@ -143,8 +142,8 @@ class Batcher:
         try:
             if len(batch) == 1:
                 request = batch[0]
-                answers = [await self._post(persist_url(*address, request.room_id), request.body,
-                                            self._request_timeout_s)]  # fmt: skip
+                url = persist_url(*address, request.room_id)
+                answers = [await self._post(url, request.body, request.timeout_s)]
             else:
                 answers = await self._send_batch(address, batch)
         except asyncio.CancelledError:
@@ -165,7 +164,9 @@ class Batcher:
         body = wire.encoder.encode(
             wire.BatchRequest([wire.BatchItem(r.room_id, msgspec.Raw(r.body)) for r in batch])
         )
-        status, _, payload = await self._post(batch_url(*address), body, self._request_timeout_s)
+        # As long as the most patient of them waits (each waits no longer).
+        timeout_s = max(r.timeout_s for r in batch)
+        status, _, payload = await self._post(batch_url(*address), body, timeout_s)
         try:
             if status != 200:
                 raise BatchRefused(f"batch answered {status}")

@@ -428,7 +428,6 @@ class PersisterClient:
         self._http: aiohttp.ClientSession | None = None
         self._batcher = Batcher(
             self._post,
-            request_timeout_s=self._options.request_timeout_s,
             max_requests=self._options.batch_max_requests,
             max_bytes=self._options.coalesce_max_bytes,
         )
