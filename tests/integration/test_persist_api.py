@@ -10,11 +10,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from persister.http.app import build_app
-from persister.server import build_writer
 from tests.fixtures.persister import (
     AUTH,
     SECRET,
+    TWO_WRITERS,
     RoomBuilder,
+    api_of,
     body,
     envelope,
     events_path,
@@ -177,26 +178,14 @@ async def test_a_body_over_the_limit_is_413(writer: Any) -> None:
 async def test_a_room_owned_by_another_persister_is_421_naming_the_owner(
     database_url: str, redis_url: str, redis_channel: str
 ) -> None:
-    config = make_config(
-        database_url,
-        redis_url,
-        redis_channel,
-        stream_writers={"events": ["persister1", "persister2"]},
-        instance_map={"persister1": {"port": 18101}, "persister2": {"port": 18102}},
-    )
-    writer = build_writer(config, "persister1")
-    await writer.start()
-    try:
-        app = build_app(writer, SECRET, max_body=1 << 20, max_events=200)
-        async with TestClient(TestServer(app)) as api:
-            # sha256("!b:example.org") read little-endian is odd: persister2's room.
-            room = RoomBuilder(room_id=_room_owned_by_second_of_two())
-            status, answer = await post(api, room, room.event()[1])
-            assert status == 421
-            assert answer["owner"] == "persister2"
-        assert rows(database_url, "SELECT count(*) FROM events") == [(0,)]
-    finally:
-        await writer.stop()
+    config = make_config(database_url, redis_url, redis_channel, **TWO_WRITERS)
+    async with api_of(config) as api:
+        # sha256("!b:example.org") read little-endian is odd: persister2's room.
+        room = RoomBuilder(room_id=_room_owned_by_second_of_two())
+        status, answer = await post(api, room, room.event()[1])
+        assert status == 421
+        assert answer["owner"] == "persister2"
+    assert rows(database_url, "SELECT count(*) FROM events") == [(0,)]
 
 
 def _room_owned_by_second_of_two() -> str:
@@ -218,30 +207,24 @@ async def test_a_full_queue_answers_503_with_retry_after(
         redis_channel,
         persist={"max_queued_events": 5, "max_events_per_request": 5},
     )
-    writer = build_writer(config, "persister1")
-    await writer.start()
-    try:
-        app = build_app(writer, SECRET, max_body=1 << 20, max_events=5)
-        async with TestClient(TestServer(app)) as api:
-            rooms = [RoomBuilder(room_id=f"!flood{i}:example.org") for i in range(40)]
-            answers = await asyncio.gather(
-                *(
-                    api.post(
-                        events_path(r.room_id),
-                        data=body("10", *(envelope(r.event()[1]) for _ in range(5))),
-                        headers=AUTH,
-                    )
-                    for r in rooms
+    async with api_of(config, max_events=5) as api:
+        rooms = [RoomBuilder(room_id=f"!flood{i}:example.org") for i in range(40)]
+        answers = await asyncio.gather(
+            *(
+                api.post(
+                    events_path(r.room_id),
+                    data=body("10", *(envelope(r.event()[1]) for _ in range(5))),
+                    headers=AUTH,
                 )
+                for r in rooms
             )
-            statuses = [a.status for a in answers]
-            assert 503 in statuses and 200 in statuses
-            refused = next(a for a in answers if a.status == 503)
-            assert int(refused.headers["Retry-After"]) >= 1
-        stored = rows(database_url, "SELECT count(*) FROM events")[0][0]
-        assert stored == 5 * statuses.count(200)
-    finally:
-        await writer.stop()
+        )
+        statuses = [a.status for a in answers]
+        assert 503 in statuses and 200 in statuses
+        refused = next(a for a in answers if a.status == 503)
+        assert int(refused.headers["Retry-After"]) >= 1
+    stored = rows(database_url, "SELECT count(*) FROM events")[0][0]
+    assert stored == 5 * statuses.count(200)
 
 
 async def test_many_concurrent_requests_to_the_same_and_different_rooms(

@@ -9,12 +9,18 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from persister.http.app import build_app
-from persister.server import build_writer
 from persister.wire import BATCH_PATH
-from tests.fixtures.persister import AUTH, SECRET, RoomBuilder, body, envelope, make_config
+from tests.fixtures.persister import (
+    AUTH,
+    TWO_WRITERS,
+    RoomBuilder,
+    api_of,
+    body,
+    envelope,
+    make_config,
+)
 from tests.integration.test_persist_api import _room_owned_by_second_of_two
 
 Client = TestClient[Any, Any]
@@ -101,59 +107,37 @@ async def test_a_batch_needs_the_secret(api: Client, database_url: str) -> None:
 async def test_a_request_for_another_persisters_room_is_421_and_the_others_are_stored(
     database_url: str, redis_url: str, redis_channel: str
 ) -> None:
-    config = make_config(
-        database_url,
-        redis_url,
-        redis_channel,
-        stream_writers={"events": ["persister1", "persister2"]},
-        instance_map={"persister1": {"port": 18101}, "persister2": {"port": 18102}},
-    )
-    writer = build_writer(config, "persister1")
-    await writer.start()
-    try:
-        app = build_app(writer, SECRET, max_body=1 << 20, max_events=200)
-        async with TestClient(TestServer(app)) as api:
-            theirs = RoomBuilder(room_id=_room_owned_by_second_of_two())
-            ours = RoomBuilder(room_id="!abc:example.org")  # persister1's (sha256 rule)
-            ours_id, ours_pdu = ours.event()
-            status, answer = await post_batch(
-                api, item(theirs, theirs.event()[1]), item(ours, ours_pdu)
-            )
-        assert status == 200, answer
-        moved, kept = answer["responses"]
-        assert moved["status"] == 421 and moved["body"]["owner"] == "persister2"
-        assert kept["status"] == 200
-        assert stored_events(database_url) == {ours_id}
-    finally:
-        await writer.stop()
+    config = make_config(database_url, redis_url, redis_channel, **TWO_WRITERS)
+    async with api_of(config) as api:
+        theirs = RoomBuilder(room_id=_room_owned_by_second_of_two())
+        ours = RoomBuilder(room_id="!abc:example.org")  # persister1's (sha256 rule)
+        ours_id, ours_pdu = ours.event()
+        status, answer = await post_batch(
+            api, item(theirs, theirs.event()[1]), item(ours, ours_pdu)
+        )
+    assert status == 200, answer
+    moved, kept = answer["responses"]
+    assert moved["status"] == 421 and moved["body"]["owner"] == "persister2"
+    assert kept["status"] == 200
+    assert stored_events(database_url) == {ours_id}
 
 
 async def test_requests_a_full_queue_cannot_take_are_503_with_retry_after(
     database_url: str, redis_url: str, redis_channel: str
 ) -> None:
-    config = make_config(
-        database_url,
-        redis_url,
-        redis_channel,
-        persist={"max_queued_events": 5, "max_events_per_request": 5},
-    )
-    writer = build_writer(config, "persister1")
-    await writer.start()
-    try:
-        app = build_app(writer, SECRET, max_body=1 << 20, max_events=50)
-        async with TestClient(TestServer(app)) as api:
-            rooms = [RoomBuilder(room_id=f"!flood{i}:example.org") for i in range(40)]
-            status, answer = await post_batch(
-                api, *(item(r, *(r.event()[1] for _ in range(5))) for r in rooms)
-            )
-        assert status == 200, answer
-        statuses = [a["status"] for a in answer["responses"]]
-        assert 503 in statuses and 200 in statuses
-        refused = next(a for a in answer["responses"] if a["status"] == 503)
-        assert refused["retry_after_s"] >= 1
-        assert len(stored_events(database_url)) == 5 * statuses.count(200)
-    finally:
-        await writer.stop()
+    limits = {"max_queued_events": 5, "max_events_per_request": 5}
+    config = make_config(database_url, redis_url, redis_channel, persist=limits)
+    async with api_of(config, max_events=50) as api:
+        rooms = [RoomBuilder(room_id=f"!flood{i}:example.org") for i in range(40)]
+        status, answer = await post_batch(
+            api, *(item(r, *(r.event()[1] for _ in range(5))) for r in rooms)
+        )
+    assert status == 200, answer
+    statuses = [a["status"] for a in answer["responses"]]
+    assert 503 in statuses and 200 in statuses
+    refused = next(a for a in answer["responses"] if a["status"] == 503)
+    assert refused["retry_after_s"] >= 1
+    assert len(stored_events(database_url)) == 5 * statuses.count(200)
 
 
 async def test_a_request_that_is_not_a_persist_request_is_400_and_the_others_go_on(
