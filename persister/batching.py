@@ -34,6 +34,9 @@ from persister import wire
 Answer = tuple[int, str | None, bytes]
 # POSTs a body to a URL within a timeout; raises TimeoutError or aiohttp.ClientError.
 Post = Callable[[yarl.URL, bytes, float], Awaitable[Answer]]
+# Counts requests sent in a batch of several (first argument) and requests of
+# batches refused as a whole (second).
+OnBatch = Callable[[int, int], None]
 
 Address = tuple[str, int]
 
@@ -82,17 +85,17 @@ class Batcher:
     def __init__(
         self,
         post: Post,
+        on_batch: OnBatch,
         *,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         max_bytes: int = 1024 * 1024,
     ) -> None:
         self._post = post
+        self._on_batch = on_batch
         self._max_requests = max_requests
         self._max_bytes = max_bytes
         self._outboxes: dict[Address, _Outbox] = {}
         self._sending: set[asyncio.Task[None]] = set()
-        self.batches = 0  # requests that left in a batch of several
-        self.refused = 0  # ... and were refused as a whole
 
     async def exchange(
         self, address: Address, room_id: str, body: bytes, timeout_s: float
@@ -162,7 +165,7 @@ class Batcher:
                 request.answer.set_result(answer)
 
     async def _send_batch(self, address: Address, batch: list[_Request]) -> list[Answer]:
-        self.batches += len(batch)
+        self._on_batch(len(batch), 0)
         body = wire.encoder.encode(
             wire.BatchRequest([wire.BatchItem(r.room_id, msgspec.Raw(r.body)) for r in batch])
         )
@@ -178,7 +181,7 @@ class Batcher:
                 raise BatchRefused(f"{len(responses)} answers for {len(batch)} requests")
         except (BatchRefused, msgspec.DecodeError) as exc:
             # Nothing, or only what a resend reports as duplicates, was written.
-            self.refused += len(batch)
+            self._on_batch(0, len(batch))
             raise BatchRefused(str(exc)) from None
         return [
             (a.status, None if a.retry_after_s is None else str(a.retry_after_s), bytes(a.body))

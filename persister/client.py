@@ -428,6 +428,7 @@ class PersisterClient:
         self._http: aiohttp.ClientSession | None = None
         self._batcher = Batcher(
             self._post,
+            self._count_batch,
             max_requests=self._options.batch_max_requests,
             max_bytes=self._options.coalesce_max_bytes,
         )
@@ -656,10 +657,11 @@ class PersisterClient:
             # safe either way.
             self.stats.connection_errors += 1
             return _Retry(_Failure(0, "M_CONNECTION", f"{owner}: {exc!r}"))
-        finally:
-            self.stats.batched = self._batcher.batches
-            self.stats.batched_refused = self._batcher.refused
         return self._interpret(owner, room_id, *answer)
+
+    def _count_batch(self, sent: int, refused: int) -> None:
+        self.stats.batched += sent
+        self.stats.batched_refused += refused
 
     async def _post(self, url: yarl.URL, body: bytes, timeout_s: float) -> Answer:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
