@@ -243,9 +243,10 @@ async def _persist(app: web.Application, room_id: str, body: bytes) -> PersistRe
 async def persist_batch(request: web.Request) -> web.Response:
     """Several rooms' persist requests in one HTTP request, each handled and
     answered exactly as its room's own endpoint would (its own transaction,
-    its own status): a creator's client sends the requests that wait for a
-    persister as one, so that HTTP costs once per batch rather than per
-    event (`persister.client`). Not in the contract; an addition to it."""
+    its own status): a creator's client sends the requests that leave for a
+    persister at the same moment as one, so that HTTP costs once per batch
+    rather than per request (`persister.batching`). Not in the contract; an
+    addition to it."""
     _check_secret(request)
     _check_content_type(request)
     body = await _read_body(request)
