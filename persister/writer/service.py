@@ -152,9 +152,18 @@ class Writer:
         self._lane_for(room_id)
         self.budget.check_room(size_bytes)
 
-    def _lane_for(self, room_id: str) -> Lane:
+    def admit_batch(self, size_bytes: int | None) -> None:
+        """`admit` for a batch of several rooms' requests, before it is read:
+        each of them is admitted on its own once read."""
+        self._check_accepting()
+        self.budget.check_room(size_bytes)
+
+    def _check_accepting(self) -> None:
         if not self.accepting:
             raise Unavailable("persister is not accepting writes", retry_after_s=1.0)
+
+    def _lane_for(self, room_id: str) -> Lane:
+        self._check_accepting()
         lane = self.lanes[zlib.crc32(room_id.encode("utf-8")) % len(self.lanes)]
         if not lane.ready:
             raise StoreUnavailable("database connection lost; retry later")

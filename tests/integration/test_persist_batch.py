@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from persister.wire import BATCH_PATH
+from persister.writer.service import Writer
 from tests.fixtures.persister import (
     AUTH,
     TWO_WRITERS,
@@ -158,3 +159,13 @@ async def test_a_request_that_is_not_a_persist_request_is_400_and_the_others_go_
     assert "request body" in answer["responses"][0]["body"]["error"]
     assert "at least one event" in answer["responses"][1]["body"]["error"]
     assert stored_events(database_url) == {good_id}
+
+
+async def test_a_persister_that_takes_no_writes_refuses_a_batch_whole_before_reading_it(
+    api: Client, writer: Writer, database_url: str
+) -> None:
+    await writer.drain(5)
+    room = RoomBuilder()
+    status, answer = await post_batch(api, item(room, room.event()[1]))
+    assert status == 503 and "not accepting" in answer["error"]
+    assert stored_events(database_url) == set()
