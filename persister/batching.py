@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
 
@@ -73,12 +73,6 @@ class _Request:
     answer: asyncio.Future[Answer]
 
 
-@dataclass(slots=True)
-class _Outbox:
-    ready: list[_Request] = field(default_factory=list)
-    flush_scheduled: bool = False
-
-
 class Batcher:
     """Per persister address, the requests issued in this turn of the loop."""
 
@@ -94,7 +88,8 @@ class Batcher:
         self._on_batch = on_batch
         self._max_requests = max_requests
         self._max_bytes = max_bytes
-        self._outboxes: dict[Address, _Outbox] = {}
+        # Per address, the requests of this turn; present while a flush is due.
+        self._ready: dict[Address, list[_Request]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
     async def exchange(
@@ -105,11 +100,11 @@ class Batcher:
         endpoint gives it."""
         loop = asyncio.get_running_loop()
         request = _Request(room_id, body, timeout_s, loop.create_future())
-        outbox = self._outboxes.setdefault(address, _Outbox())
-        outbox.ready.append(request)
-        if not outbox.flush_scheduled:
-            outbox.flush_scheduled = True
+        ready = self._ready.get(address)
+        if ready is None:
+            ready = self._ready[address] = []
             loop.call_soon(self._flush, address)
+        ready.append(request)
         started = loop.time()
         try:
             # No timer of our own: the HTTP request carrying it gives up
@@ -133,10 +128,7 @@ class Batcher:
         await asyncio.gather(*self._sending, return_exceptions=True)
 
     def _flush(self, address: Address) -> None:
-        outbox = self._outboxes.pop(address, None)
-        if outbox is None:
-            return
-        ready = [r for r in outbox.ready if not r.answer.done()]
+        ready = [r for r in self._ready.pop(address) if not r.answer.done()]
         while ready:
             batch = _take(ready, self._max_requests, self._max_bytes)
             task = asyncio.get_running_loop().create_task(self._send(address, batch))

@@ -11,6 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 import psycopg
@@ -62,6 +63,7 @@ OPENAPI = web.AppKey("openapi", bytes)
 BODY_READ_TIMEOUT_S = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class BodyTimeout(PersisterError):
@@ -197,9 +199,10 @@ async def _read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
+def _decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode a request body, every failure a 400 naming what is wrong."""
     try:
-        decoded = request_decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"request body: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -208,6 +211,10 @@ def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
         raise BadRequest(f"request body is not UTF-8: {exc}", errcode="M_NOT_JSON") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+
+
+def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
+    decoded = _decode_body(request_decoder, body)
     if not decoded.events:
         raise BadRequest("events: at least one event is required", errcode="M_INVALID_PARAM")
     if len(decoded.events) > max_events:
@@ -259,14 +266,7 @@ async def persist_batch(request: web.Request) -> web.Response:
 
 
 def _decode_batch(body: bytes, max_requests: int) -> list[BatchItem]:
-    try:
-        items = batch_request_decoder.decode(body).requests
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"request body: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", errcode="M_NOT_JSON") from None
-    except RecursionError:
-        raise BadRequest("request body is nested too deeply") from None
+    items = _decode_body(batch_request_decoder, body).requests
     if not items:
         raise BadRequest("requests: at least one request is required", errcode="M_INVALID_PARAM")
     if len(items) > max_requests:
