@@ -52,6 +52,7 @@ test: services
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict persister
 
 demo: services

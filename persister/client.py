@@ -89,6 +89,7 @@ _shard_map_decoder = msgspec.json.Decoder(ShardMap)
 # The least time worth starting an attempt with, before the deadline.
 MIN_ATTEMPT_S: Final = 0.02
 
+
 class ClientError(errors.PersisterError):
     """A persist call failed; `status`, `errcode` and `error` say how."""
 

@@ -564,8 +564,7 @@ def findings_lines(found: Findings, load: Load, recorder: ChannelRecorder) -> li
         f"{len(load.unacknowledged)}, unparsed messages {recorder.unparsed}",
         *(f"  {line}" for line in [*found.promise, *found.late, *found.owners][:10]),
         *(
-            f"  epoch {m.epoch}: writers {','.join(m.writers)}, from ordering "
-            f"{m.start() + 1}"
+            f"  epoch {m.epoch}: writers {','.join(m.writers)}, from ordering {m.start() + 1}"
             for m in found.stored.maps
         ),  # fmt: skip
     ]

@@ -67,6 +67,7 @@ def events_path(room_id: str) -> str:
 
 # --- JSON values ------------------------------------------------------------
 
+
 # True about one time in `n`. (Not `integers(0, n - 1) == 0`: hypothesis
 # draws the simplest value, 0, far more often than one time in n.)
 def rarely(n: int) -> st.SearchStrategy[bool]:
@@ -308,8 +309,16 @@ _ODD_PATHS = [
 ]  # fmt: skip
 _ODD_AUTH = [None, "Bearer", "Bearer wrong", f"Basic {SECRET}", f"bearer {SECRET}",
              f"Bearer  {SECRET} ", f"Bearer {SECRET}x", "Bearer \u00e9"]  # fmt: skip
-_ODD_TYPES = [None, "text/plain", "application/json; charset=utf-8", "application/json; x=y",
-              "application/jsonx", "application/json; charset=latin-1", "*/*", "APPLICATION/JSON"]
+_ODD_TYPES = [
+    None,
+    "text/plain",
+    "application/json; charset=utf-8",
+    "application/json; x=y",
+    "application/jsonx",
+    "application/json; charset=latin-1",
+    "*/*",
+    "APPLICATION/JSON",
+]
 
 
 @st.composite

@@ -74,9 +74,10 @@ async def target(database_url: str, redis_url: str) -> AsyncIterator[FuzzTarget]
     writer = build_writer(make_config(database_url, redis_url, channel), "persister1")
     await writer.start()
     try:
-        async with served(writer) as server, await psycopg.AsyncConnection.connect(
-            database_url, autocommit=True
-        ) as conn:
+        async with (
+            served(writer) as server,
+            await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn,
+        ):
             fuzz = FuzzTarget(server, conn, await snapshot(conn))
             yield fuzz
             print("\n" + fuzz.summary())

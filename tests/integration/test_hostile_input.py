@@ -89,9 +89,7 @@ class Room:
 
 def request(pdu: bytes, *, room_version: bytes = b'"10"', envelope: bytes = b"") -> bytes:
     """A persist request body holding one event, spliced together as bytes."""
-    return (
-        b'{"room_version":' + room_version + b',"events":[{"pdu":' + pdu + envelope + b"}]}"
-    )
+    return b'{"room_version":' + room_version + b',"events":[{"pdu":' + pdu + envelope + b"}]}"
 
 
 def persist(
@@ -431,8 +429,11 @@ def table_database(
 async def table_persister(
     table_database: str, redis_url: str
 ) -> AsyncIterator[tuple[Endpoint, Room, psycopg.AsyncConnection[Any]]]:
-    async with running_writer(table_database, redis_url) as writer, served(writer) as server, \
-            await psycopg.AsyncConnection.connect(table_database, autocommit=True) as conn:
+    async with (
+        running_writer(table_database, redis_url) as writer,
+        served(writer) as server,
+        await psycopg.AsyncConnection.connect(table_database, autocommit=True) as conn,
+    ):
         builder = RoomBuilder(room_id=ROOM)
         _, first = builder.event()
         seeded = await exchange(server, persist(request(msgspec.json.encode(first))))
@@ -529,7 +530,6 @@ async def test_a_body_arriving_in_pieces_is_read_to_its_end(
     assert answer.status == 200, answer.text
     room.builder.extremities = [answer.json["results"][0]["event_id"]]
     room.builder.depth += 1
-
 
 
 # --- hostile-looking but legal: stored exactly as received --------------------

@@ -155,11 +155,13 @@ async def test_persister_run_reads_the_secret_file_and_serves_with_the_http_limi
             data = body("10", envelope(room.event()[1]))
             path = base + events_path(room.room_id)
             json = {"Content-Type": "application/json"}
-            async with http.post(path, data=data, headers=json | {"Authorization": "Bearer "
-                                                                  + str(secret_file)}) as wrong:
+            async with http.post(
+                path, data=data, headers=json | {"Authorization": "Bearer " + str(secret_file)}
+            ) as wrong:
                 assert wrong.status == 401
-            async with http.post(path, data=data,
-                                 headers=json | {"Authorization": "Bearer from-the-file"}) as ok:
+            async with http.post(
+                path, data=data, headers=json | {"Authorization": "Bearer from-the-file"}
+            ) as ok:
                 assert ok.status == 200, await ok.text()
             async with http.get(base + "/health", headers={"X-Big": "a" * 9000}) as big:
                 assert big.status == 400

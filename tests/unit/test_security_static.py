@@ -54,9 +54,7 @@ def test_every_dependency_has_a_lower_and_an_exclusive_upper_bound(
 @pytest.mark.parametrize(
     "where, requirement", REQUIREMENTS, ids=[f"{w}:{r.name}" for w, r in REQUIREMENTS]
 )
-def test_the_installed_version_lies_within_the_bounds(
-    where: str, requirement: Requirement
-) -> None:
+def test_the_installed_version_lies_within_the_bounds(where: str, requirement: Requirement) -> None:
     try:
         installed = metadata.version(requirement.name)
     except metadata.PackageNotFoundError:
@@ -160,8 +158,8 @@ def sql_built_from_strings(source: str) -> list[str]:
 @pytest.mark.parametrize(
     "code",
     [
-        'conn.execute(f"SELECT * FROM events WHERE event_id = \'{event_id}\'")',
-        'conn.execute("SELECT * FROM events WHERE event_id = \'%s\'" % event_id)',
+        "conn.execute(f\"SELECT * FROM events WHERE event_id = '{event_id}'\")",
+        "conn.execute(\"SELECT * FROM events WHERE event_id = '%s'\" % event_id)",
         'conn.execute("SELECT * FROM {} LIMIT 1".format(table))',
         'conn.execute("SELECT * FROM events WHERE room_id = \'" + room_id + "\'")',
         "conn.execute(' UNION '.join(parts))",
@@ -218,9 +216,7 @@ def test_instances_listen_on_loopback_unless_configured_otherwise() -> None:
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
-def test_a_loopback_listener_logs_no_warning(
-    host: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_loopback_listener_logs_no_warning(host: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="persister.server"):
         warn_unless_loopback(host)
     assert caplog.records == []
