@@ -67,7 +67,8 @@ class FakePersister:
         app = web.Application()
         app.router.add_post("/_persist/v1/rooms/{room_id}/events", self._handle)
         app.router.add_post(wire.BATCH_PATH, self._handle_batch)
-        self._runner = web.AppRunner(app)
+        # A handler a test left sleeping must not hold the teardown for long.
+        self._runner = web.AppRunner(app, shutdown_timeout=0.2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
