@@ -36,7 +36,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from persister.replication.messages import EVENTS_STREAM
-from persister.replication.publisher import redis_client
+from persister.replication.publisher import raise_if_cancelled, redis_client
 from persister.replication.shardmap import ShardMapAnnouncement
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ async def _follow(
         await pubsub.subscribe(channel)
         while True:
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
-            if _cancelled_meanwhile():
-                raise asyncio.CancelledError
+            raise_if_cancelled()
             if message is None:
                 await pubsub.ping()  # a half-open connection shows as an error here
                 continue
@@ -128,20 +127,6 @@ async def _follow(
         # indefinitely, and this runs while the task is cancelled at shutdown.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(_close(pubsub, client), CLOSE_TIMEOUT_S)
-
-
-def _cancelled_meanwhile() -> bool:
-    """Whether this task was cancelled while redis-py had it.
-
-    redis-py can swallow a cancellation that lands in one of its read
-    timeouts (redis/redis-py#2028, #2551): the read carries on as if nothing
-    had happened, and a writer's shutdown waited 10 s for this task in about
-    one test run of two (tests/integration/test_catch_up.py). The request
-    stays counted on the task, so it shows here once redis-py returns, at
-    the latest after READ_TIMEOUT_S.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 async def _close(pubsub: PubSub, client: Redis) -> None:

@@ -91,6 +91,21 @@ def redis_client(url: str, name: str | None = None, *, reconnects: int = 1) -> R
     return client
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was cancelled while redis-py had it.
+
+    redis-py can swallow a cancellation that lands in one of its read
+    timeouts (redis/redis-py#2028, #2551): the call returns as if nothing
+    had happened, and a loop around it would go on, holding a writer's
+    shutdown for as long as the step's bound (10 s; seen in about one run of
+    two of tests/integration/test_catch_up.py). The request stays counted on
+    the task, so our Redis loops call this whenever redis-py returns.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > 0:
+        raise asyncio.CancelledError
+
+
 class Outbox:
     """What one writer still has to announce, as a pure state machine.
 
@@ -307,10 +322,12 @@ class Publisher:
                 else:
                     await self._send_hint()
             except (RedisError, OSError) as exc:
+                raise_if_cancelled()
                 self._note_failure(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
             else:
+                raise_if_cancelled()
                 self._note_success()
                 delay = RETRY_INITIAL_S
 

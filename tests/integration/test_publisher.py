@@ -6,6 +6,7 @@ import asyncio
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -147,3 +148,37 @@ async def kill_clients_named(admin: Redis, name: str) -> int:
     for client_id in ids:
         await admin.client_kill_filter(_id=client_id)
     return len(ids)
+
+
+async def test_closing_ends_the_sender_even_if_redis_py_swallows_its_cancellation(
+    redis_url: str, redis_channel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swallowed: list[asyncio.CancelledError] = []
+    real_publish = Redis.publish
+    publishing = asyncio.Event()
+
+    async def publish_swallowing_a_cancellation(self: Redis, *args: Any, **kwargs: Any) -> Any:
+        # What redis-py does when the cancellation lands in its read timeout
+        # (redis/redis-py#2028, #2551): the call returns as if nothing happened.
+        try:
+            publishing.set()
+            await asyncio.sleep(0.5)  # so that close() finds it here
+            return await real_publish(self, *args, **kwargs)
+        except asyncio.CancelledError as cancelled:
+            swallowed.append(cancelled)
+            return 0
+
+    monkeypatch.setattr(Redis, "publish", publish_swallowing_a_cancellation)
+    publisher = Publisher(redis_url, redis_channel, "w1")
+    await publisher.start()
+    await publisher.publish_position(0)
+    await asyncio.wait_for(publishing.wait(), 2)
+    closing = asyncio.ensure_future(publisher.close(flush_timeout_s=0))
+    done, _ = await asyncio.wait([closing], timeout=3)
+    if closing not in done:
+        monkeypatch.undo()  # so that the next cancellation ends it, and the test with it
+        assert publisher._sender is not None
+        publisher._sender.cancel()
+        await asyncio.wait([closing], timeout=5)
+    assert closing in done, "the sender went on after its cancellation"
+    assert swallowed, "the cancellation never reached redis-py: the test proved nothing"
