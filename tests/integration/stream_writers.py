@@ -154,6 +154,19 @@ async def eventually(predicate: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def until_subscribed(client: Redis, channel: str, timeout: float = 2.0) -> None:
+    """Wait until someone subscribes to `channel` (a follower is listening)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        [(_, subscribers)] = await client.pubsub_numsub(channel)
+        if int(subscribers) >= 1:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"nobody subscribed to {channel} in time")
+        await asyncio.sleep(0.02)
+
+
 class RedisProxy:
     """A TCP relay in front of Redis: `down()` drops every connection and
     refuses new ones, `up()` accepts again on the same port."""

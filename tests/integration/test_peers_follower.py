@@ -16,24 +16,7 @@ from redis.asyncio.client import PubSub
 
 from persister.replication.messages import encode_command, position_command
 from persister.replication.peers import READ_TIMEOUT_S, follow_peers
-from tests.integration.stream_writers import eventually
-
-
-async def subscribed(redis_url: str, channel: str) -> None:
-    client = Redis.from_url(redis_url)
-    try:
-
-        async def count() -> int:
-            [(_, subscribers)] = await client.pubsub_numsub(channel)
-            return int(subscribers)
-
-        for _ in range(200):
-            if await count() >= 1:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"nobody subscribed to {channel}")
-    finally:
-        await client.aclose()
+from tests.integration.stream_writers import eventually, until_subscribed
 
 
 async def test_following_peers_ends_when_cancelled_even_if_redis_py_swallows_the_cancellation(
@@ -56,9 +39,9 @@ async def test_following_peers_ends_when_cancelled_even_if_redis_py_swallows_the
     follower = asyncio.create_task(
         follow_peers(redis_url, redis_channel, "persister1", heard.append)
     )
-    await subscribed(redis_url, redis_channel)
     peer = Redis.from_url(redis_url)
     try:
+        await until_subscribed(peer, redis_channel)
         await peer.publish(redis_channel, encode_command(position_command("persister2", 0, 42)))
         await eventually(lambda: heard == [42], timeout=2)
     finally:

@@ -33,22 +33,14 @@ from tests.fixtures.persister import (
     events_path,
     make_config,
 )
-from tests.integration.stream_writers import eventually
+from tests.integration.stream_writers import eventually, until_subscribed
 
 
 @pytest.fixture
 async def peer(writer: Writer, redis_url: str, redis_channel: str) -> AsyncIterator[Redis]:
     """A client to announce in a peer's name, once the writer follows the channel."""
     client = Redis.from_url(redis_url)
-
-    async def subscribers() -> int:
-        [(_, count)] = await client.pubsub_numsub(redis_channel)
-        return int(count)
-
-    for _ in range(100):
-        if await subscribers() >= 1:
-            break
-        await asyncio.sleep(0.02)
+    await until_subscribed(client, redis_channel)
     yield client
     await client.aclose()
 
