@@ -483,6 +483,8 @@ class Lane:
                 ) from exc
         if rows:
             logger.warning("a COMMIT whose answer was lost did land: %d events", len(rows))
+        else:
+            logger.warning("a COMMIT whose answer was lost wrote no new event")
         self.positions.finish(allocated)
         await self.on_commit(CommittedBatch(rows, len(rows), 0.0, [], {}))
 

@@ -184,6 +184,9 @@ def _drop(server: PrivatePostgres, database_url: str) -> None:
         )
 
 
+LOST_COMMIT_LANDED = "a COMMIT whose answer was lost did land"
+
+
 @pytest.mark.parametrize("commit_in_draw_order", [False, True], ids=["default", "in-draw-order"])
 async def test_a_commit_whose_answer_was_lost_is_settled_before_the_position_passes_it(
     private_postgres: PrivatePostgres, redis_url: str, tmp_path: Path, commit_in_draw_order: bool
@@ -198,11 +201,20 @@ async def test_a_commit_whose_answer_was_lost_is_settled_before_the_position_pas
     proxy = PgProxy(private_postgres.port)
     await proxy.start()
 
+    def fleet_logs(s: Scenario) -> str:
+        return "".join(s.fleet.log_text(n) for n in s.fleet.names)
+
     async def lose_a_commit(s: Scenario) -> None:
         await asyncio.sleep(1.5)
-        proxy.arm_lost_commit(refuse_s=2.0)
-        await asyncio.wait_for(proxy.fired.wait(), 10.0)
-        await asyncio.sleep(4.0)
+        # The COMMIT the proxy picks seldom writes nothing (2 runs in ~30):
+        # then there is nothing to publish, and the test would prove nothing
+        # about publishing what landed, so another one is lost.
+        for _ in range(3):
+            proxy.arm_lost_commit(refuse_s=2.0)
+            await asyncio.wait_for(proxy.fired.wait(), 10.0)
+            await asyncio.sleep(4.0)
+            if LOST_COMMIT_LANDED in fleet_logs(s):
+                return
 
     try:
         async with Scenario(
@@ -214,14 +226,15 @@ async def test_a_commit_whose_answer_was_lost_is_settled_before_the_position_pas
         ) as s:  # fmt: skip
             await s.run(lose_a_commit)
             verdict = await s.finish()
-            logs = "".join(s.fleet.log_text(n) for n in s.fleet.names)
+            logs = fleet_logs(s)
     finally:
         await proxy.close()
         _drop(private_postgres, private_postgres.url(name))
 
     print("\nlost commit:", json.dumps(asdict(verdict), indent=1))
-    assert proxy.lost_commits == 1
-    assert "a COMMIT whose answer was lost did land" in logs
+    settling = [line for line in logs.splitlines() if "COMMIT" in line or "settle" in line]
+    assert 1 <= proxy.lost_commits <= 3
+    assert LOST_COMMIT_LANDED in logs, "\n".join(settling)
     assert verdict.problems == []
     assert verdict.lost == 0 and verdict.duplicated == 0 and verdict.promise_violations == 0
 
