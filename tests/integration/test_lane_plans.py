@@ -16,8 +16,10 @@ from persister.bench.workload import WorkloadSpec, generate
 from persister.storage import events_txn
 
 SPEC = WorkloadSpec(rooms=50, events=2_000, state_share=0, big_share=0, message_bytes=200)
-# What a plan made on small tables would keep as they grow.
-SIZE_BLIND_NODES = ("Seq Scan", "Hash Join", "Merge Join")
+# What a plan made on small tables would keep as they grow, and the bitmap
+# scan, which never marks the index entries of dead rows as dead: each batch
+# would walk every forward extremity its rooms ever had, until a vacuum.
+UNWANTED_NODES = ("Seq Scan", "Hash Join", "Merge Join", "Bitmap Heap Scan", "Bitmap Index Scan")
 
 
 async def _explaining(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list[str]:
@@ -32,12 +34,12 @@ async def _explaining(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list
     return plans
 
 
-def _size_blind(plans: list[str]) -> list[str]:
+def _unwanted(plans: list[str]) -> list[str]:
     return [
         line.strip()
         for plan in plans
         for line in plan.splitlines()
-        if any(node in line for node in SIZE_BLIND_NODES)
+        if any(node in line for node in UNWANTED_NODES)
     ]
 
 
@@ -63,4 +65,4 @@ async def test_a_lane_reaches_every_table_by_index_on_empty_and_on_grown_tables(
         statements = [p for p in plans_of_a_batch if p.startswith("duration:")]
         assert any("Insert on events" in p for p in statements), statements
         assert any("Index Scan using events_event_id_key" in p for p in statements), statements
-        assert _size_blind(statements) == []
+        assert _unwanted(statements) == []
