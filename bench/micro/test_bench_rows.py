@@ -4,8 +4,8 @@ Run: .venv/bin/python -m pytest bench/micro/test_bench_rows.py --benchmark-only 
 The batch is 1000 events of 50 rooms, planned by `dag.link_batch` (see
 test_bench_dag.py). Measured without a database:
 
-- `events_txn.write_plan_txn` against a cursor that only records what it is
-  given: every column list the write builds;
+- `events_txn.write_command`: every column list the write builds, encoded
+  as the parameters the lane sends (`persister.storage.pipeline`);
 - `events_txn._add_columns`, the rows-to-columns transposition it uses;
 - psycopg's dumping of the `event_json` columns as text vs binary arrays:
   text arrays escape every quote of the JSON with a regex, binary arrays
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -31,33 +29,6 @@ from persister.dag import BatchPlan, LinkRequest, StoredView, link_batch
 from persister.storage import arrays, events_txn
 from persister.writer import lane
 from persister.writer.queue import PendingRequest
-
-
-class RecordingConnection:
-    @asynccontextmanager
-    async def pipeline(self) -> AsyncIterator[None]:
-        yield
-
-
-class RecordingCursor:
-    """Stands in for an AsyncCursor: keeps the parameters, sends nothing."""
-
-    def __init__(self) -> None:
-        self.connection = RecordingConnection()
-        self.statements = 0
-
-    async def execute(self, query: str, params: Any = None, *, prepare: bool | None = None) -> None:
-        self.statements += 1
-
-
-def drive(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never really waits, without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    raise RuntimeError("the coroutine awaited real I/O")
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +56,11 @@ def test_bench_write_plan_rows_1000_events(benchmark: Any, plan: BatchPlan) -> N
     orderings = list(range(1, len(plan.new_events) + 1))
 
     def write() -> int:
-        cursor = RecordingCursor()
-        fake: Any = cursor  # duck-typed: only execute() and connection.pipeline()
-        drive(events_txn.write_plan_txn(fake, plan, orderings, plan.new_rooms, "persister1", 0, 1))
-        return cursor.statements
+        command = events_txn.write_command(plan, orderings, plan.new_rooms, "persister1", 0, 1)
+        return len(command.values)
 
-    # Every table is written by one statement.
-    assert benchmark(write) == 1
+    # Every table is written by one statement, bound once.
+    assert benchmark(write) == len(events_txn.WRITE_STATEMENT.params)
 
 
 def test_bench_columns_of_edges(benchmark: Any, plan: BatchPlan) -> None:

@@ -17,7 +17,7 @@ import psycopg
 
 from persister.bench.workload import BenchRequest, prepared
 from persister.dag import LinkRequest, link_batch
-from persister.storage import arrays, events_txn
+from persister.storage import events_txn, pipeline
 
 Connection = psycopg.AsyncConnection[tuple[object, ...]]
 
@@ -43,23 +43,14 @@ async def write_batch(conn: Connection, batch: list[LinkRequest]) -> int:
     `conn` must have been set up by `events_txn.prepare_connection`."""
     rooms = list(dict.fromkeys(r.room_id for r in batch))
     events = [e for r in batch for e in r.events]
-    known = {*(e.event_id for e in events), *(p for e in events for p in e.prev_event_ids)}
-    params = {
-        "known": arrays.TextArray(known),
-        "rooms": arrays.TextArray(rooms),
-        "forward": len(events),
-        "backfill": 0,
-    }
-    cur = conn.cursor()
-    async with conn.pipeline():
-        await cur.execute(events_txn.BEGIN)
-        await cur.execute(events_txn.LOAD_BATCH, params, prepare=True)
-    view, drawn = events_txn.view_from_rows(await cur.fetchall())
+    prevs = [p for e in events for p in e.prev_event_ids]
+    load = events_txn.load_command(rooms, [e.event_id for e in events], prevs, (len(events), 0))
+    _, loaded = await pipeline.round_trip(conn, (events_txn.BEGIN, load))
+    view, drawn = events_txn.view_from_rows(pipeline.rows(conn, loaded))
     plan = link_batch(view, batch)
     orderings = drawn[events_txn.DRAWN_FORWARD][: len(plan.new_events)]
-    async with conn.pipeline():
-        await events_txn.write_plan_txn(
-            cur, plan, orderings, view.room_versions, "direct", int(time.time() * 1000), None
-        )
-        await events_txn.commit_txn(cur)
+    write = events_txn.write_command(
+        plan, orderings, view.room_versions, "direct", int(time.time() * 1000), None
+    )
+    await events_txn.commit_txn(conn, write)
     return len(plan.new_events)

@@ -1,28 +1,28 @@
 """Reading and writing the room DAG tables inside one write transaction.
 
-Every function here runs inside a transaction the writer opened (`_txn`
-suffix, cursor first); the writer decides when it begins and ends, and the
-statements that do it live here with the rest of the SQL. A batch costs two
-round trips whatever its size: BEGIN, the fences, and one statement that
-loads what linking needs and draws the orderings, pipelined together; then
-one statement that writes every table (arrays through `unnest`, bound in
-binary) pipelined with the COMMIT.
+The writer decides when a transaction begins and ends; the statements that
+do it live here with the rest of the SQL (`*_command` builds a statement
+with its parameters, `*_txn` sends). A batch costs two round trips whatever
+its size (`persister.storage.pipeline`): BEGIN, the fences, and one
+statement that loads what linking needs and draws the orderings, together;
+then one statement that writes every table (arrays through `unnest`, bound
+in binary) with the COMMIT.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor
+from psycopg import AsyncConnection
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
-from persister.storage import arrays
+from persister.storage import arrays, pipeline
 from persister.storage.arrays import BoolArray, Int8Array, TextArray
+from persister.storage.pipeline import Command
 from persister.storage.shard_map import Fenced, fenced_from_row
 
-Cursor = AsyncCursor[Any]
+Connection = AsyncConnection[Any]
 
 # Everything `dag.link_batch` needs, and the batch's orderings, in ONE
 # statement: every statement of a pipeline costs a message exchange, a parse
@@ -61,8 +61,8 @@ LOAD_EVENT, LOAD_ROOM, LOAD_FORWARD, LOAD_BACKWARD, DRAWN_FORWARD, DRAWN_BACKFIL
 
 # The lane's connection is in autocommit mode, so psycopg never sends a BEGIN
 # of its own (which would cost a round trip): these go in the pipelines.
-BEGIN = "BEGIN"
-COMMIT = "COMMIT"
+BEGIN = pipeline.plain("BEGIN")
+COMMIT = pipeline.plain("COMMIT")
 
 # Every write of a batch in one statement: one round trip and one parse,
 # whatever the batch holds (empty arrays insert nothing). Sub-statements of
@@ -79,7 +79,7 @@ new_events AS (
     INSERT INTO events (stream_ordering, topological_ordering, event_id, room_id, type,
                         state_key, sender, origin_server_ts, received_ts, outlier,
                         rejection_reason, instance_name)
-    SELECT o, d, e, r, t, s, snd, ts, %(now_ms)s, ol, rr, %(instance)s
+    SELECT o, d, e, r, t, s, snd, ts, %(now_ms)s::bigint, ol, rr, %(instance)s::text
     FROM unnest(%(orderings)b::bigint[], %(depths)b::bigint[], %(event_ids)b::text[],
                 %(event_rooms)b::text[], %(types)b::text[], %(state_keys)b::text[],
                 %(senders)b::text[], %(timestamps)b::bigint[], %(outliers)b::bool[],
@@ -107,7 +107,7 @@ new_auth AS (
 ),
 new_rejections AS (
     INSERT INTO rejections (event_id, reason, last_check)
-    SELECT e, r, %(now_ms)s FROM unnest(%(rejection_events)b::text[],
+    SELECT e, r, %(now_ms)s::bigint FROM unnest(%(rejection_events)b::text[],
                                          %(rejection_reasons)b::text[]) AS u(e, r)
 ),
 deoutliered AS (
@@ -143,7 +143,7 @@ position AS (
     UPDATE stream_positions SET stream_id = %(position)s::bigint
     WHERE (stream_name, instance_name) IN (
         SELECT stream_name, instance_name FROM stream_positions
-        WHERE stream_name = 'events' AND instance_name = %(instance)s
+        WHERE stream_name = 'events' AND instance_name = %(instance)s::text
           AND stream_id < %(position)s::bigint
         FOR UPDATE SKIP LOCKED
     ) AND stream_id < %(position)s::bigint
@@ -151,11 +151,11 @@ position AS (
 SELECT 1
 """
 
-# Parse, analysis and planning of the two big statements cost the server
-# more than a small batch's rows (a third of a 10-event transaction's CPU,
-# perf), so they are prepared once per connection and planned once: generic
-# plans. Only they: psycopg prepares nothing else by count, and BEGIN and
-# COMMIT stay plain queries (tests/faults/pgproxy.py reads them off the wire).
+# Parse, analysis and planning of the big statements cost the server more
+# than a small batch's rows (a third of a 10-event transaction's CPU, perf),
+# so they are prepared once per connection and planned once: generic plans.
+# BEGIN and COMMIT stay plain queries (tests/faults/pgproxy.py reads them off
+# the wire).
 #
 # A generic plan lives as long as the connection, and one made while the
 # tables were small would be a sequential scan or a hash join over one, which
@@ -171,7 +171,6 @@ SELECT 1
 # extremities walked every extremity the room ever had (18,260 index entries
 # for 30 rooms, 3.3 ms, after 55,000 single events). A plain index scan marks
 # them on its first pass and skips them after (0.24 ms for the same rooms).
-PREPARED_ONLY_ON_REQUEST = sys.maxsize
 LANE_PLAN_SETTINGS = """
 SELECT set_config('plan_cache_mode', 'force_generic_plan', false),
        set_config('enable_seqscan', 'off', false),
@@ -180,51 +179,69 @@ SELECT set_config('plan_cache_mode', 'force_generic_plan', false),
        set_config('enable_bitmapscan', 'off', false)
 """
 
-
-async def prepare_connection(conn: AsyncConnection[Any]) -> None:
-    """Make `conn` ready to run batches: typed arrays, prepared statements
-    with plans that are index probes whatever the tables' size."""
-    arrays.register(conn)
-    conn.prepare_threshold = PREPARED_ONLY_ON_REQUEST
-    await conn.execute(LANE_PLAN_SETTINGS)
-
-
 # Both fences (liveness and shard map), see migrations/0005_epoch_drain.sql.
-FENCE = "SELECT * FROM persister_fence(%s, %s, %s, %s)"
+FENCE = """
+SELECT * FROM persister_fence(%(namespace)s::int, %(instance)s::text,
+                              %(liveness_epoch)s::bigint, %(routed_epoch)s::bigint)
+"""
+
+LOAD_STATEMENT = pipeline.statement("persister_load_batch", LOAD_BATCH)
+WRITE_STATEMENT = pipeline.statement("persister_write_batch", WRITE_BATCH)
+FENCE_STATEMENT = pipeline.statement("persister_fence", FENCE)
 
 
-async def begin_batch_txn(
-    cur: Cursor,
-    fence: tuple[int, str, int, int],
+async def prepare_connection(conn: Connection) -> None:
+    """Make `conn` ready to run batches: prepared statements with plans that
+    are index probes whatever the tables' size."""
+    arrays.register(conn)
+    await conn.execute(LANE_PLAN_SETTINGS)
+    await pipeline.prepare(conn, (LOAD_STATEMENT, WRITE_STATEMENT, FENCE_STATEMENT))
+
+
+def fence_command(namespace: int, instance: str, liveness_epoch: int, routed_epoch: int) -> Command:
+    return pipeline.bind(
+        FENCE_STATEMENT,
+        {
+            "namespace": namespace,
+            "instance": instance,
+            "liveness_epoch": liveness_epoch,
+            "routed_epoch": routed_epoch,
+        },
+    )
+
+
+def load_command(
     room_ids: Sequence[str],
     event_ids: Sequence[str],
     prev_ids: Sequence[str],
     draw: tuple[int, int],
-) -> tuple[Fenced, StoredView, list[int], list[int]]:
-    """BEGIN, pass the fences, read everything `dag.link_batch` needs and
-    draw orderings, all in one pipelined round trip.
-
-    `draw` is how many forward and backfill orderings to take: as many as
-    the batch could need, for the plan is made only once they are back (the
-    caller finishes the ones it does not use). The server runs the pipeline
-    in order and skips what follows an error, so no ordering is drawn unless
-    both fences passed. Returns what the shard-map fence found, the view and
-    the forward and backfill orderings.
-    """
+) -> Command:
+    """What `dag.link_batch` needs for these rooms and events, and `draw`
+    orderings: as many forward and backfill ones as the batch could need."""
     params = {
         "known": TextArray({*event_ids, *prev_ids}),
         "rooms": TextArray(room_ids),
         "forward": draw[0],
         "backfill": draw[1],
     }
-    conn = cur.connection
-    async with conn.pipeline():
-        await conn.execute(BEGIN)
-        c_fence = await conn.execute(FENCE, fence)
-        c_load = await conn.execute(LOAD_BATCH, params, prepare=True)
-    fence_row = await c_fence.fetchone()
-    assert fence_row is not None
-    view, drawn = view_from_rows(await c_load.fetchall())
+    return pipeline.bind(LOAD_STATEMENT, params)
+
+
+async def begin_batch_txn(
+    conn: Connection, fence: Command, load: Command
+) -> tuple[Fenced, StoredView, list[int], list[int]]:
+    """BEGIN, pass the fences, read everything `dag.link_batch` needs and
+    draw orderings, all in one round trip.
+
+    The plan is made only once the orderings are back (the caller finishes
+    the ones it does not use). The server runs the pipeline in order and
+    skips what follows an error, so no ordering is drawn unless both fences
+    passed. Returns what the shard-map fence found, the view and the forward
+    and backfill orderings.
+    """
+    _, fenced, loaded = await pipeline.round_trip(conn, (BEGIN, fence, load))
+    (fence_row,) = pipeline.rows(conn, fenced)
+    view, drawn = view_from_rows(pipeline.rows(conn, loaded))
     return fenced_from_row(fence_row), view, drawn[DRAWN_FORWARD], drawn[DRAWN_BACKFILL]
 
 
@@ -260,21 +277,21 @@ def view_from_rows(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, l
     return view, drawn
 
 
-async def commit_txn(cur: Cursor) -> None:
-    """Queue the COMMIT; inside the writer's pipeline it leaves with the write."""
-    await cur.execute(COMMIT)
+async def commit_txn(conn: Connection, write: Command) -> None:
+    """Send the batch's write and the COMMIT together: the second round trip."""
+    await pipeline.round_trip(conn, (write, COMMIT))
 
 
-async def write_plan_txn(
-    cur: Cursor,
+def write_command(
     plan: BatchPlan,
     orderings: Sequence[int],
     room_versions: dict[str, str],
     instance: str,
     now_ms: int,
     position: int | None,
-) -> None:
-    """Write every row of a planned batch; `orderings` match `plan.new_events`.
+) -> Command:
+    """The statement that writes every row of a planned batch; `orderings`
+    match `plan.new_events`. `commit_txn` sends it.
 
     `position`, when given, is this writer's stream position once the batch
     commits, stored in the same transaction.
@@ -306,7 +323,7 @@ async def write_plan_txn(
     _add_columns(params, ("forward_new_rooms", "forward_new_events"), plan.forward_added)
     _add_columns(params, ("backward_gone_rooms", "backward_gone_events"), plan.backward_removed)
     _add_columns(params, ("backward_new_rooms", "backward_new_events"), plan.backward_added)
-    await cur.execute(WRITE_BATCH, params, prepare=True)
+    return pipeline.bind(WRITE_STATEMENT, params)
 
 
 def _add_columns(params: dict[str, Any], names: tuple[str, ...], rows: Iterable[Any]) -> None:

@@ -36,6 +36,7 @@ from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
 from persister.storage import events_txn
+from persister.storage.pipeline import Command
 from persister.wire import EventResult
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
@@ -346,9 +347,8 @@ class Lane:
         try:
             # Two round trips: BEGIN + fences + loads + orderings (inside
             # _write_batch), then the write and the COMMIT together.
-            async with conn.pipeline():
-                plan, assigned, extremities = await self._write_batch(batch, allocated)
-                await events_txn.commit_txn(conn.cursor())
+            plan, assigned, extremities, write = await self._write_batch(batch, allocated)
+            await events_txn.commit_txn(conn, write)
         except psycopg.OperationalError:
             if allocated:
                 # The COMMIT may still land: answer now (a retry is safe), and
@@ -388,18 +388,21 @@ class Lane:
 
     async def _write_batch(
         self, batch: list[PendingRequest], allocated: list[int]
-    ) -> tuple[BatchPlan, dict[str, int], list[int]]:
-        """Begin the transaction and queue its write (in the caller's pipeline)."""
+    ) -> tuple[BatchPlan, dict[str, int], list[int], Command]:
+        """Begin the transaction and plan its write, for the caller to send
+        with the COMMIT."""
         assert self.connection is not None
-        cur = self.connection.cursor()
         assert self.liveness.epoch is not None
         # Both fences come before any ordering is drawn (see persister.liveness
         # and persister.storage.shard_map for why that order matters).
-        fence = (FENCE_NS, self.settings.instance, self.liveness.epoch, self.owners.epoch)
+        fence = events_txn.fence_command(
+            FENCE_NS, self.settings.instance, self.liveness.epoch, self.owners.epoch
+        )
+        load = events_txn.load_command(*_batch_ids(batch), _most_orderings(batch))
         token = self.positions.begin_fetch()
         try:
             fenced, view, forward, backfill = await events_txn.begin_batch_txn(
-                cur, fence, *_batch_ids(batch), _most_orderings(batch)
+                self.connection, fence, load
             )
         except BaseException as exc:
             # Whatever was drawn belongs to a transaction that never commits.
@@ -440,13 +443,13 @@ class Lane:
             await self.wait_position(forward[0] - 1)
         orderings = _interleave(plan.new_backfilled, forward, backfill)
         position = self.positions.position_if_finished(forward) if forward else None
-        await events_txn.write_plan_txn(
-            cur, plan, orderings, view.room_versions, self.settings.instance, _now_ms(), position
+        write = events_txn.write_command(
+            plan, orderings, view.room_versions, self.settings.instance, _now_ms(), position
         )
         assigned = {e.event_id: o for e, o in zip(plan.new_events, orderings, strict=True)}
         rooms = {request.link.room_id for request in batch}
         extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
-        return plan, assigned, extremities
+        return plan, assigned, extremities, write
 
     def _refuse_queued(self, error: PersisterError) -> None:
         """Answer every request waiting in this lane's queue with `error`."""

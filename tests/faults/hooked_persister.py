@@ -82,10 +82,19 @@ def _replace(owner: Any, name: str, new: Any) -> None:
 def _install_hooks() -> None:
     from persister import liveness
     from persister.replication.publisher import Publisher
-    from persister.storage import events_txn
+    from persister.storage import events_txn, pipeline
     from persister.writer.lane import Lane
 
-    _replace(events_txn, "write_plan_txn", _after("mid_batch", events_txn.write_plan_txn))
+    commit_txn = events_txn.commit_txn
+
+    async def write_then_maybe_die(conn: Any, write: Any) -> None:
+        if _armed == "mid_batch":
+            # The rows are written and the orderings drawn; the COMMIT never leaves.
+            await pipeline.round_trip(conn, (write,))
+            fire("mid_batch")
+        await commit_txn(conn, write)
+
+    _replace(events_txn, "commit_txn", write_then_maybe_die)
     _replace(liveness, "_relay_command_txn", _after("deputy", liveness._relay_command_txn))
 
     write_batch = Lane._write_batch

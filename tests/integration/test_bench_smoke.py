@@ -31,7 +31,7 @@ def run_bench(services: Services, out: Path) -> subprocess.CompletedProcess[str]
         sys.executable, str(REPO / "bench" / "run.py"),
         "--database-url", services.database_url, "--redis-url", services.redis_url,
         "--instances", "1", "--duration", "3", "--warmup", "0.5",
-        "--rooms", "40", "--events", "4000", "--batch", "10", "--concurrency", "16",
+        "--rooms", "40", "--events", "16000", "--batch", "10", "--concurrency", "16",
         "--resend-share", "0.05", "--backfill-share", "0.05", "--room-versions", "10,11,12",
         "--ceiling-seconds", "0.3", "--ceiling-events", "1000",
         "--keep-db", "--gen-workers", "1", "--harness-nice", "5", "--out", str(out),
