@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -40,6 +40,7 @@ from persister.wire import (
     BatchItem,
     BatchResponse,
     ErrorBody,
+    EventResult,
     PersistResponse,
     Position,
     batch_request_decoder,
@@ -242,7 +243,10 @@ async def persist_events(request: web.Request) -> web.Response:
 async def _persist(app: web.Application, room_id: str, body: bytes) -> PersistResponse:
     writer = app[WRITER]
     link = _decode_request(body, room_id, app[MAX_EVENTS])
-    results = await writer.persist(link, len(body))
+    return _response(writer, await writer.persist(link, len(body)))
+
+
+def _response(writer: Writer, results: list[EventResult]) -> PersistResponse:
     highest = max((r.stream_ordering for r in results), default=0)
     return PersistResponse(results, Position(writer.instance, max(writer.position(), highest)))
 
@@ -261,8 +265,84 @@ async def persist_batch(request: web.Request) -> web.Response:
         request.app[WRITER].admit_batch(request.content_length)
     body = await _read_body(request)
     items = _decode_batch(body, request.app[MAX_EVENTS])
-    answers = await asyncio.gather(*(_batch_answer(request.app, item) for item in items))
-    return json_response(BatchResponse(answers))
+    return json_response(BatchResponse(await _batch_answers(request.app, items)))
+
+
+# A request of a batch: refused at once, queued in its lane, or (when the map
+# must be read again to know whether it is ours) handled by a task of its own.
+Queued = BatchAnswer | asyncio.Future[list[EventResult]] | asyncio.Task[BatchAnswer]
+
+
+async def _batch_answers(app: web.Application, items: list[BatchItem]) -> list[BatchAnswer]:
+    """Queue every request of the batch, then wait for them all. A task and a
+    shield per request cost as much as their validation (single events)."""
+    writer = app[WRITER]
+    started = time.perf_counter()
+    queued = [_queue(app, item) for item in items]
+    waiting = [q for q in queued if not isinstance(q, BatchAnswer)]
+    if waiting:
+        try:
+            # Not gather: a client that hangs up must not cancel half-done batches.
+            await asyncio.wait(waiting)
+        except asyncio.CancelledError:
+            for future in waiting:
+                future.add_done_callback(_nobody_reads)
+            raise
+    answers = [_batch_answer(writer, item, q) for item, q in zip(items, queued, strict=True)]
+    seconds = time.perf_counter() - started
+    for answer in answers:
+        writer.metrics.request_finished(answer.status, seconds)
+    return answers
+
+
+def _queue(app: web.Application, item: BatchItem) -> Queued:
+    writer = app[WRITER]
+    if not writer.owns(item.room_id):
+        return asyncio.ensure_future(_persist_checking_owner(app, item))
+    try:
+        body = bytes(item.request)
+        writer.admit(item.room_id, len(body))
+        return writer.submit(_decode_request(body, item.room_id, app[MAX_EVENTS]), len(body))
+    except Exception as exc:  # each request of a batch has its own answer
+        return _error_answer(item, exc)
+
+
+async def _persist_checking_owner(app: web.Application, item: BatchItem) -> BatchAnswer:
+    try:
+        await app[WRITER].check_owner(item.room_id)
+        body = bytes(item.request)
+        app[WRITER].admit(item.room_id, len(body))
+        persisted = await _persist(app, item.room_id, body)
+    except Exception as exc:  # each request of a batch has its own answer
+        return _error_answer(item, exc)
+    return BatchAnswer(200, msgspec.Raw(encoder.encode(persisted)))
+
+
+def _batch_answer(writer: Writer, item: BatchItem, queued: Queued) -> BatchAnswer:
+    if isinstance(queued, BatchAnswer):
+        return queued
+    if isinstance(queued, asyncio.Task):
+        return queued.result()
+    try:
+        results = queued.result()
+    except Exception as exc:  # each request of a batch has its own answer
+        return _error_answer(item, exc)
+    return BatchAnswer(200, msgspec.Raw(encoder.encode(_response(writer, results))))
+
+
+def _error_answer(item: BatchItem, exc: Exception) -> BatchAnswer:
+    if isinstance(exc, PersisterError):
+        encoded = encoder.encode(_error_body(exc))
+        return BatchAnswer(exc.status, msgspec.Raw(encoded), _retry_after_s(exc))
+    # A bug: this request's answer says so, the others keep theirs.
+    logger.error("persisting room %s of a batch failed", item.room_id[:200], exc_info=exc)
+    return BatchAnswer(500, msgspec.Raw(encoder.encode(ErrorBody("M_UNKNOWN", "internal error"))))
+
+
+def _nobody_reads(future: asyncio.Future[Any]) -> None:
+    # Its client hung up: mark the outcome read, or asyncio logs it as lost.
+    if not future.cancelled():
+        future.exception()
 
 
 def _decode_batch(body: bytes, max_requests: int) -> list[BatchItem]:
@@ -285,27 +365,6 @@ def _decode_batch(body: bytes, max_requests: int) -> list[BatchItem]:
             )
         seen.add(item.room_id)
     return items
-
-
-async def _batch_answer(app: web.Application, item: BatchItem) -> BatchAnswer:
-    writer = app[WRITER]
-    started = time.perf_counter()
-    try:
-        await writer.check_owner(item.room_id)
-        body = bytes(item.request)
-        writer.admit(item.room_id, len(body))
-        persisted = await _persist(app, item.room_id, body)
-        answer = BatchAnswer(200, msgspec.Raw(encoder.encode(persisted)))
-    except PersisterError as error:
-        encoded = encoder.encode(_error_body(error))
-        answer = BatchAnswer(error.status, msgspec.Raw(encoded), _retry_after_s(error))
-    except Exception:
-        # A bug: this request's answer says so, the others keep theirs.
-        logger.exception("persisting room %s of a batch failed", item.room_id[:200])
-        encoded = encoder.encode(ErrorBody("M_UNKNOWN", "internal error"))
-        answer = BatchAnswer(500, msgspec.Raw(encoded))
-    writer.metrics.request_finished(answer.status, time.perf_counter() - started)
-    return answer
 
 
 async def stream_events(request: web.Request) -> web.Response:

@@ -171,19 +171,28 @@ class Writer:
 
     async def persist(self, link: LinkRequest, size_bytes: int) -> list[EventResult]:
         """Queue a request and wait for its COMMIT; the answer is durable."""
+        # Shielded: a client that hangs up must not cancel a half-done batch.
+        return await asyncio.shield(self.submit(link, size_bytes))
+
+    def submit(self, link: LinkRequest, size_bytes: int) -> asyncio.Future[list[EventResult]]:
+        """Queue a request; the future is done once its COMMIT is (the answer
+        is then durable). Cancelling the future does not withdraw the request."""
         lane = self._lane_for(link.room_id)
         self.budget.reserve(len(link.events), size_bytes)
         done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
         lane.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
-        # Shielded: a client that hangs up must not cancel a half-done batch.
-        return await asyncio.shield(done)
+        return done
+
+    def owns(self, room_id: str) -> bool:
+        """Whether this instance owns the room under the map it knows (no refresh)."""
+        return self.owners.owner(room_id) == self.instance
 
     def position(self) -> int:
         return self.positions.position()
 
     async def check_owner(self, room_id: str) -> None:
         """Raise NotMyShard unless this instance owns the room under the newest map."""
-        if self.owners.owner(room_id) == self.instance:
+        if self.owns(room_id):
             return
         # Maybe a new epoch gave us the room and the poll has not seen it yet.
         try:
