@@ -4,8 +4,10 @@ own endpoint would answer it, end to end against PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import aiohttp
 import msgspec
 import psycopg
 import pytest
@@ -169,3 +171,25 @@ async def test_a_persister_that_takes_no_writes_refuses_a_batch_whole_before_rea
     status, answer = await post_batch(api, item(room, room.event()[1]))
     assert status == 503 and "not accepting" in answer["error"]
     assert stored_events(database_url) == set()
+
+
+async def test_a_batch_whose_client_gives_up_is_still_stored_whole(
+    api: Client, database_url: str
+) -> None:
+    rooms = [RoomBuilder(room_id=f"!gone{n}:example.org") for n in range(3)]
+    events = [room.event() for room in rooms]
+    data = msgspec.json.encode(
+        {"requests": [item(room, pdu) for room, (_, pdu) in zip(rooms, events, strict=True)]}
+    )
+    # The lanes wait on this lock until the client has given up.
+    async with await psycopg.AsyncConnection.connect(database_url) as blocker:
+        await blocker.execute("LOCK TABLE event_json IN EXCLUSIVE MODE")
+        with pytest.raises(TimeoutError):
+            await api.post(
+                BATCH_PATH, data=data, headers=AUTH, timeout=aiohttp.ClientTimeout(total=0.3)
+            )
+    for _ in range(100):
+        if stored_events(database_url) == {event_id for event_id, _ in events}:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"stored: {stored_events(database_url)}")
