@@ -281,6 +281,12 @@ async def _load(
                         f"phase {plan.name} measured nothing: the workload ran out during "
                         "its warm-up (raise --events or lower --warmup)"
                     )
+                elif source.remaining == 0 and plan.mode == "closed":
+                    progress.message(
+                        f"phase {plan.name}: the workload ran out before the phase's end; "
+                        "its last seconds had only the busiest rooms left to send to, so "
+                        "its events/s reads low (raise --events)"
+                    )
         finally:
             lag_task.cancel()
     if args.mode == "both" and len(phases) == 1:
