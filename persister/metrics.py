@@ -14,7 +14,7 @@ is rewritten (see docs/operators.md on `honor_labels`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -126,7 +126,7 @@ class Metrics:
         # Children kept: `labels()` per request was ~1 % of a single-event
         # persister's CPU.
         self._persist_latency = self.persist_latency_seconds.labels(self.instance)
-        self._requests_by_status: dict[int, Any] = {}
+        self._requests_by_status: dict[int, Counter] = {}
 
     def _define_stream_metrics(self) -> None:
         self.queue_depth_events = Gauge(
