@@ -88,7 +88,7 @@ def main() -> int:
         print("demo: pool of 2 persisters healthy; pushing a short load through the client")
         return bench_main([
             "--config", str(config), "--duration", "8", "--warmup", "2", "--rooms", "200",
-            "--events", "60000", "--batch", "50", "--message-bytes", "1024",
+            "--events", "200000", "--batch", "50", "--message-bytes", "1024",
             "--ceiling-seconds", "2", "--out", str(folder / "result"),
         ])  # fmt: skip
     finally:
