@@ -296,9 +296,15 @@ async def _batch_answers(app: web.Application, items: list[BatchItem]) -> list[B
 
 
 def _queue(app: web.Application, item: BatchItem) -> Queued:
+    if not app[WRITER].owns(item.room_id):
+        return asyncio.ensure_future(_queue_checking_owner(app, item))
+    return _submit(app, item)
+
+
+def _submit(
+    app: web.Application, item: BatchItem
+) -> BatchAnswer | asyncio.Future[list[EventResult]]:
     writer = app[WRITER]
-    if not writer.owns(item.room_id):
-        return asyncio.ensure_future(_persist_checking_owner(app, item))
     try:
         body = bytes(item.request)
         writer.admit(item.room_id, len(body))
@@ -307,15 +313,16 @@ def _queue(app: web.Application, item: BatchItem) -> Queued:
         return _error_answer(item, exc)
 
 
-async def _persist_checking_owner(app: web.Application, item: BatchItem) -> BatchAnswer:
+async def _queue_checking_owner(app: web.Application, item: BatchItem) -> BatchAnswer:
+    """`_queue` once the map is fresh: the room may have come to this writer."""
     try:
         await app[WRITER].check_owner(item.room_id)
-        body = bytes(item.request)
-        app[WRITER].admit(item.room_id, len(body))
-        persisted = await _persist(app, item.room_id, body)
     except Exception as exc:  # each request of a batch has its own answer
         return _error_answer(item, exc)
-    return BatchAnswer(200, msgspec.Raw(encoder.encode(persisted)))
+    queued = _submit(app, item)
+    if not isinstance(queued, BatchAnswer):
+        await asyncio.wait([queued])
+    return _batch_answer(app[WRITER], item, queued)
 
 
 def _batch_answer(writer: Writer, item: BatchItem, queued: Queued) -> BatchAnswer:

@@ -6,8 +6,10 @@ non-null element, and every integer for the widest) and then dumps it
 element by element through generic dumpers: at a few requests per batch that
 was ~12 % of the persister's CPU. The columns' types are known here, so
 each array is wrapped in the type that says it (`TextArray`, `Int8Array`,
-`BoolArray`) and dumped in one pass. Without `register` (or on another
-connection) they are still lists, and psycopg dumps them the slow way.
+`BoolArray`) and dumped in one pass. The lanes bind them themselves
+(`persister.storage.pipeline`); `register` teaches a psycopg connection the
+same dumps. Without it they are still lists, and psycopg dumps them the
+slow way.
 
 Binary array layout (array_send): ndim, has-nulls flag, element type OID,
 then per dimension its length and lower bound (1), then per element its

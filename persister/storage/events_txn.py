@@ -17,7 +17,7 @@ from typing import Any
 from psycopg import AsyncConnection
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
-from persister.storage import arrays, pipeline
+from persister.storage import pipeline
 from persister.storage.arrays import BoolArray, Int8Array, TextArray
 from persister.storage.pipeline import Command
 from persister.storage.shard_map import Fenced, fenced_from_row
@@ -193,7 +193,6 @@ FENCE_STATEMENT = pipeline.statement("persister_fence", FENCE)
 async def prepare_connection(conn: Connection) -> None:
     """Make `conn` ready to run batches: prepared statements with plans that
     are index probes whatever the tables' size."""
-    arrays.register(conn)
     await conn.execute(LANE_PLAN_SETTINGS)
     await pipeline.prepare(conn, (LOAD_STATEMENT, WRITE_STATEMENT, FENCE_STATEMENT))
 
