@@ -757,6 +757,9 @@ def format_report(report: RunReport) -> str:
                 f"{g.gap_max_ms} ms), resumed p99 {g.resume_p99_ms} ms after the step, "
                 f"{g.stalled} stalled"
             )
+    if report.requests_left == 0:
+        lines.append("the workload ran dry before the load ended: the figures after it "
+                     "measure nothing; raise --rate-hint")  # fmt: skip
     lines.append(f"reader writer sets: {report.reader_writer_sets}")
     lines.append(f"moved share 2->3 over {SYNTHETIC_ROOMS} synthetic rooms: "
                  f"{report.synthetic_moved_share_2_to_3}")  # fmt: skip
@@ -777,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sharding", default="rendezvous", choices=["sha256", "rendezvous"])
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--rooms", type=int, default=64)
-    parser.add_argument("--rate-hint", type=float, default=4000.0,
+    parser.add_argument("--rate-hint", type=float, default=16000.0,
                         help="events/s the workload must last at")  # fmt: skip
     parser.add_argument("--no-follow-redis", action="store_true")
     parser.add_argument("--out", type=Path, default=None)

@@ -47,8 +47,9 @@ SHORT_S = 6.0
 LONG_S = 30.0
 ROOMS = 24
 LONG_ROOMS = 64
-# Events/s the generated workload lasts at; the harness box does ~2-6k.
-RATE_HINT = 9000.0
+# Events/s the generated workload lasts at. Three persisters on this 2-core
+# box take 8-11k in the closed loop (9,000 ran dry in a 30 s run).
+RATE_HINT = 16000.0
 # Short form: a loose bound that only a stuck room breaks on a busy CI box.
 SHORT_PAUSE_LIMIT_MS = 2500.0
 # The targets, checked in the long form: moved rooms pause at most
