@@ -23,7 +23,8 @@ taking the lock, so a transaction of an older process cannot commit once a
 successor has started, even if that older process is still running.
 
 Announcing for a dead writer W (`announce_for_dead_writers`, run by every
-live writer every 0.5 s):
+live writer every 0.5 s, and every 0.05 s by the one that announced for W
+last, while W stays dead):
 
 1. W's LIVENESS is not held by anyone (read from pg_locks, not taken).
 2. In one transaction: take DEPUTY(W) or skip W; take FENCE(W) exclusively,
@@ -52,7 +53,8 @@ What the writer calls, and when:
     each write transaction, first statement:
               await fence_check_txn(cur, instance, liveness.epoch)
     every second:  await liveness.check()       # re-takes a dropped lock
-    every 0.5 s:   await announce_for_dead_writers(conn, publisher, writers,
+    every 0.5 s (0.05 s after a round that announced for someone):
+                   await announce_for_dead_writers(conn, publisher, writers,
                                                    self_instance=instance)
     after a connection error *during COMMIT*, before finishing its orderings:
               await settle_lost_connection(other_conn, backend_pid)
@@ -437,7 +439,10 @@ async def _relay_command_txn(conn: AsyncConnection[Any], writer: str) -> Command
         rows, limited = await rows_between(conn, stored, pos, RELAY_ROWS_LIMIT, instance=writer)
         if limited:
             pos = rows[-1].stream_ordering  # a lower promise is just as true
-        await upsert_stream_position_txn(cur, EVENTS_STREAM, writer, pos)
+        if pos != stored:
+            # Unchanged, it is announced again but not written: a round every
+            # DEAD_WRITER_FOLLOW_S then costs no WAL flush.
+            await upsert_stream_position_txn(cur, EVENTS_STREAM, writer, pos)
     if rows:
         return rdata_command(writer, stored, pos, tuple(rows))
     return position_command(writer, stored, pos)
