@@ -9,7 +9,8 @@ way, and compares how requests are spread over lanes:
 - static: each room always goes to the lane its hash picks (the persister
   today, `persister/writer/service.py`);
 - pooled: any idle lane takes the queued requests of rooms that no other
-  lane is writing, in arrival order (not built; see bench/README.md);
+  lane is writing, in arrival order (tried in the eighth session and not
+  kept: bench/README.md says why);
 - one lane.
 
 Like the harness: Poisson arrivals of K-event requests over R rooms with
