@@ -83,12 +83,17 @@ class Run:
         stood = max((pos for t, pos in mine if t <= self.killed_at + grace_s), default=0)
         return min((t for t, pos in mine if pos > stood), default=None)
 
-    def lags_after_kill(self) -> list[float]:
-        return [
+    def lags_after(self, since: float) -> list[float]:
+        """For each survivor's answer from `since` on, how long until the
+        reader's complete_up_to covered it; sorted."""
+        return sorted(
             max(0.0, self.seen_at(ack.highest) - ack.at)
             for ack in self.acks
-            if ack.at >= self.killed_at and ack.instance != self.victim
-        ]
+            if ack.at >= since and ack.instance != self.victim
+        )
+
+    def lags_after_kill(self) -> list[float]:
+        return self.lags_after(self.killed_at)
 
 
 async def scenario(services: Services, folder: Path) -> Run:
@@ -149,7 +154,7 @@ def run(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 @pytest.mark.slow
 def test_a_sigkilled_persister_stalls_readers_for_at_most_two_seconds(run: Run) -> None:
-    lags = sorted(run.lags_after_kill())
+    lags = run.lags_after_kill()
     assert len(lags) >= 50, "the survivors kept taking load"
     stall = lags[-1]
     relayed = run.first_relay_after_kill()
@@ -166,11 +171,7 @@ def test_a_sigkilled_persister_stalls_readers_for_at_most_two_seconds(run: Run) 
 def test_while_it_stays_dead_readers_see_the_survivors_events_promptly(run: Run) -> None:
     relayed = run.first_relay_after_kill()
     assert relayed is not None, "nobody announced in the dead writer's name"
-    lags = sorted(
-        max(0.0, run.seen_at(ack.highest) - ack.at)
-        for ack in run.acks
-        if ack.at >= relayed and ack.instance != run.victim
-    )
+    lags = run.lags_after(relayed)
     assert len(lags) >= 50, "the survivors kept taking load"
     assert lags[len(lags) // 2] <= DEAD_MEDIAN_LAG_LIMIT_S, f"median {lags[len(lags) // 2]:.3f} s"
 
