@@ -9,8 +9,8 @@ test_bench_dag.py). Measured without a database:
 - `events_txn._add_columns`, the rows-to-columns transposition it uses;
 - psycopg's dumping of the `event_json` columns as text vs binary arrays:
   text arrays escape every quote of the JSON with a regex, binary arrays
-  copy bytes (ceiling.py uses binary, `%b`, for that reason); and as the
-  typed arrays the lane sends (`persister.storage.arrays`);
+  copy bytes (ceiling.py uses binary, `%b`, for that reason); and the same
+  columns dumped as the lane binds them (`persister.storage.arrays`);
 - the writer lane's bookkeeping around a batch (`_batch_ids`, `_result`).
 """
 
@@ -20,9 +20,8 @@ import asyncio
 import time
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg.adapt import AdaptersMap, PyFormat, Transformer
+from psycopg.adapt import PyFormat, Transformer
 
 from persister.bench.workload import WorkloadSpec, generate, prepared
 from persister.dag import BatchPlan, LinkRequest, StoredView, link_batch
@@ -88,22 +87,11 @@ def test_bench_dump_event_json_arrays(benchmark: Any, plan: BatchPlan, fmt: PyFo
     assert all(value is not None for value in dumped)
 
 
-class _TypedArraysContext:
-    """What `arrays.register` needs: a map of dumpers (here not psycopg's global one)."""
-
-    def __init__(self) -> None:
-        self.adapters = AdaptersMap(psycopg.adapters)
-        self.connection = None
-
-
 def test_bench_dump_event_json_typed_arrays(benchmark: Any, plan: BatchPlan) -> None:
-    # What the lane sends (persister/storage/arrays.py), against the
-    # `binary` case above: the same columns, typed.
-    context = _TypedArraysContext()
-    arrays.register(context)
+    # What the lane sends (persister.storage.pipeline binds these), against
+    # the `binary` case above: the same columns, typed.
     params = [arrays.TextArray(column) for column in _json_columns(plan)]
-    transformer = Transformer(context)
-    dumped = benchmark(transformer.dump_sequence, params, [PyFormat.BINARY] * len(params))
+    dumped = benchmark(lambda: [arrays.dump_text_array(column) for column in params])
     assert all(value is not None for value in dumped)
 
 

@@ -6,10 +6,9 @@ non-null element, and every integer for the widest) and then dumps it
 element by element through generic dumpers: at a few requests per batch that
 was ~12 % of the persister's CPU. The columns' types are known here, so
 each array is wrapped in the type that says it (`TextArray`, `Int8Array`,
-`BoolArray`) and dumped in one pass. The lanes bind them themselves
-(`persister.storage.pipeline`); `register` teaches a psycopg connection the
-same dumps. Without it they are still lists, and psycopg dumps them the
-slow way.
+`BoolArray`) and dumped in one pass by the lanes' own binding
+(`persister.storage.pipeline`). Handed to psycopg, they are still lists,
+and psycopg dumps them the slow way.
 
 Binary array layout (array_send): ndim, has-nulls flag, element type OID,
 then per dimension its length and lower bound (1), then per element its
@@ -19,11 +18,8 @@ length (-1 for NULL) and bytes.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
-from psycopg import postgres, pq
-from psycopg.abc import AdaptContext
-from psycopg.adapt import Dumper
+from psycopg import postgres
 
 _HEADER = struct.Struct("!iiiii")
 _EMPTY = struct.Struct("!iii")
@@ -81,34 +77,3 @@ def dump_bool_array(items: list[bool]) -> bytes:
 _TEXT_OID = postgres.types["text"].oid
 _INT8_OID = postgres.types["int8"].oid
 _BOOL_OID = postgres.types["bool"].oid
-
-
-class _TextArrayDumper(Dumper):
-    format = pq.Format.BINARY
-    oid = postgres.types["text"].array_oid
-
-    def dump(self, obj: Any) -> bytes:
-        return dump_text_array(obj)
-
-
-class _Int8ArrayDumper(Dumper):
-    format = pq.Format.BINARY
-    oid = postgres.types["int8"].array_oid
-
-    def dump(self, obj: Any) -> bytes:
-        return dump_int8_array(obj)
-
-
-class _BoolArrayDumper(Dumper):
-    format = pq.Format.BINARY
-    oid = postgres.types["bool"].array_oid
-
-    def dump(self, obj: Any) -> bytes:
-        return dump_bool_array(obj)
-
-
-def register(context: AdaptContext) -> None:
-    """Dump the three array types this way on `context` (a connection)."""
-    context.adapters.register_dumper(TextArray, _TextArrayDumper)
-    context.adapters.register_dumper(Int8Array, _Int8ArrayDumper)
-    context.adapters.register_dumper(BoolArray, _BoolArrayDumper)

@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from persister.storage import arrays
+from persister.storage import arrays, pipeline
 
 CASES: list[tuple[list[Any], type[list[Any]], str]] = [
     (["$a", "!room:hs", 'é " \\ {json}', ""], arrays.TextArray, "text[]"),
@@ -22,28 +22,43 @@ CASES: list[tuple[list[Any], type[list[Any]], str]] = [
 
 
 @pytest.mark.parametrize(("items", "array_type", "cast"), CASES)
-@pytest.mark.parametrize("registered", [True, False], ids=["registered", "plain psycopg"])
+@pytest.mark.parametrize("binding", ["lane", "psycopg"], ids=["as the lanes bind", "plain psycopg"])
 async def test_a_typed_array_arrives_as_the_list_it_holds(
     database_url: str,
     items: list[Any],
     array_type: type[list[Any]],
     cast: str,
-    registered: bool,
+    binding: str,
 ) -> None:
+    query = f"SELECT %(a)b::{cast}, cardinality(%(a)b::{cast})"
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        if registered:
-            arrays.register(conn)
-        query = f"SELECT %b::{cast}, cardinality(%b::{cast})"
-        row = await (await conn.execute(query, (array_type(items),) * 2)).fetchone()
+        if binding == "lane":
+            row = await _lane_row(conn, query, {"a": array_type(items)})
+        else:
+            row = await (await conn.execute(query, {"a": array_type(items)})).fetchone()
     assert row == (items, len(items))
 
 
+async def _lane_row(
+    conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]
+) -> tuple[Any, ...]:
+    statement = pipeline.statement("typed_arrays", query)
+    await pipeline.prepare(conn, (statement,))
+    (result,) = await pipeline.round_trip(conn, (pipeline.bind(statement, params),))
+    (row,) = pipeline.rows(conn, result)
+    return row
+
+
 async def test_unnest_of_typed_arrays_lines_up_nulls_with_their_rows(database_url: str) -> None:
+    params = {
+        "t": arrays.TextArray(["a", None, "c"]),
+        "i": arrays.Int8Array([1, 2, 3]),
+        "b": arrays.BoolArray([False, True, False]),
+    }
+    statement = pipeline.statement(
+        "typed_unnest", "SELECT * FROM unnest(%(t)b::text[], %(i)b::bigint[], %(b)b::boolean[])"
+    )
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        arrays.register(conn)
-        cursor = await conn.execute(
-            "SELECT * FROM unnest(%b::text[], %b::bigint[], %b::boolean[])",
-            (arrays.TextArray(["a", None, "c"]), arrays.Int8Array([1, 2, 3]),
-             arrays.BoolArray([False, True, False])),
-        )  # fmt: skip
-        assert await cursor.fetchall() == [("a", 1, False), (None, 2, True), ("c", 3, False)]
+        await pipeline.prepare(conn, (statement,))
+        (result,) = await pipeline.round_trip(conn, (pipeline.bind(statement, params),))
+        assert pipeline.rows(conn, result) == [("a", 1, False), (None, 2, True), ("c", 3, False)]
