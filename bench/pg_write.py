@@ -14,6 +14,7 @@ after, alternated).
 
     .venv/bin/python bench/pg_write.py --events 40000 --batch 600 --rounds 2
     .venv/bin/python bench/pg_write.py --events 30000 --batch 70 --against custom-plans
+    .venv/bin/python bench/pg_write.py --events 40000 --batch 32 --lanes 2 --request-events 1
 """
 
 from __future__ import annotations
@@ -172,6 +173,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=40_000)
     parser.add_argument("--batch", type=int, default=600, help="events per transaction")
+    parser.add_argument(
+        "--request-events",
+        type=int,
+        default=50,
+        help="events per persist request; a transaction never splits one (1: a lane's "
+        "batches hold many rooms, as under single-event load)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--lanes", type=int, default=1, help="connections writing at once")
     parser.add_argument(
@@ -187,7 +195,11 @@ async def main() -> None:
     args = parser.parse_args()
 
     spec = WorkloadSpec(
-        events=args.events, message_bytes=args.message_bytes, big_share=0, state_share=0
+        events=args.events,
+        batch=args.request_events,
+        message_bytes=args.message_bytes,
+        big_share=0,
+        state_share=0,
     )
     requests = [r for r in generate(spec).requests if not r.resend and not r.backfilled]
     for round_ in range(1, args.rounds + 1):
