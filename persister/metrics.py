@@ -96,6 +96,13 @@ class Metrics:
             buckets=_EXTREMITY_BUCKETS,
             registry=self.registry,
         )
+        self.batches = Counter(
+            "persister_batches",
+            "Committed batch transactions, by round trips: 1 when planned from what the "
+            "lane remembers of its rooms, 2 when loaded.",
+            ("instance", "round_trips"),
+            registry=self.registry,
+        )
         self.db_transaction_seconds = Histogram(
             "persister_db_transaction_seconds",
             "Time to run and commit one batch transaction.",
@@ -106,6 +113,7 @@ class Metrics:
         # Series present from the start, so rate() works before the first event.
         for cls in TYPE_CLASSES:
             self.events_persisted.labels(self.instance, cls)
+        self._batches = {trips: self.batches.labels(self.instance, str(trips)) for trips in (1, 2)}
         for histogram in (self.batch_events, self.forward_extremities, self.db_transaction_seconds):
             histogram.labels(self.instance)
 
@@ -153,12 +161,16 @@ class Metrics:
         by_type_class: Mapping[str, int],
         seconds: float,
         extremity_counts: Iterable[int],
+        round_trips: int = 2,
     ) -> None:
         """One transaction committed `n_events` new events in `seconds`.
 
         `by_type_class` counts them per `type_class()`; `extremity_counts`
-        has one entry per room the batch touched.
+        has one entry per room the batch touched; `round_trips` is 1 or 2
+        (0: a transaction settled after its connection was lost).
         """
+        if round_trips in self._batches:
+            self._batches[round_trips].inc()
         for cls, count in by_type_class.items():
             if cls not in TYPE_CLASSES:
                 # A free-form label would grow the series without bound.

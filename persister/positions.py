@@ -100,6 +100,11 @@ class WriterPositions:
         self._caps.add(self._max_seen)
         return token
 
+    def fetch_floor(self, token: int) -> int:
+        """What the sequence had reached when fetch `token` began: whatever it
+        draws is above this."""
+        return self._fetches[token]
+
     def end_fetch(self, token: int, orderings: Sequence[int]) -> None:
         """The fetch returned these orderings; they are unfinished until `finish`."""
         cap = self._close_fetch(token)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psycopg import AsyncConnection
+from psycopg.pq.abc import PGresult
 
 from persister.dag import BatchPlan, StoredEvent, StoredView
 from persister.storage import pipeline
@@ -68,14 +69,13 @@ COMMIT = pipeline.plain("COMMIT")
 # whatever the batch holds (empty arrays insert nothing). Sub-statements of
 # one statement cannot see each other's rows; the plan never deletes and
 # inserts the same extremity, and de-outliers only events stored before.
-WRITE_BATCH = """
-WITH
-new_rooms AS (
+# Each part writes one table's rows from the batch's arrays; its name is the
+# CTE's.
+_NEW_ROOMS = """
     INSERT INTO rooms (room_id, room_version)
     SELECT * FROM unnest(%(room_ids)b::text[], %(room_versions)b::text[])
-    ON CONFLICT DO NOTHING
-),
-new_events AS (
+    ON CONFLICT DO NOTHING"""
+_NEW_EVENTS = """
     INSERT INTO events (stream_ordering, topological_ordering, event_id, room_id, type,
                         state_key, sender, origin_server_ts, received_ts, outlier,
                         rejection_reason, instance_name)
@@ -84,72 +84,116 @@ new_events AS (
                 %(event_rooms)b::text[], %(types)b::text[], %(state_keys)b::text[],
                 %(senders)b::text[], %(timestamps)b::bigint[], %(outliers)b::bool[],
                 %(rejected)b::text[])
-         AS u(o, d, e, r, t, s, snd, ts, ol, rr)
-),
-new_json AS (
+         AS u(o, d, e, r, t, s, snd, ts, ol, rr)"""
+_NEW_JSON = """
     INSERT INTO event_json (event_id, room_id, json, room_version)
     SELECT * FROM unnest(%(event_ids)b::text[], %(event_rooms)b::text[], %(json)b::text[],
-                         %(event_versions)b::text[])
-),
--- No ON CONFLICT (it made this the dearest insert of the batch, auto_explain:
--- a speculative insertion per row): edges are written only for new events,
--- with their `events` row, and their prevs are distinct, so a conflict could
--- only come with a duplicate event ID, which `new_events` refuses anyway.
-new_edges AS (
+                         %(event_versions)b::text[])"""
+# No ON CONFLICT (it made this the dearest insert of the batch, auto_explain:
+# a speculative insertion per row): edges are written only for new events,
+# with their `events` row, and their prevs are distinct, so a conflict could
+# only come with a duplicate event ID, which `new_events` refuses anyway.
+_NEW_EDGES = """
     INSERT INTO event_edges (event_id, prev_event_id, room_id)
     SELECT * FROM unnest(%(edge_events)b::text[], %(edge_prevs)b::text[],
-                         %(edge_rooms)b::text[])
-),
-new_auth AS (
+                         %(edge_rooms)b::text[])"""
+_NEW_AUTH = """
     INSERT INTO event_auth (event_id, auth_id, room_id)
     SELECT * FROM unnest(%(auth_events)b::text[], %(auth_ids)b::text[],
-                         %(auth_rooms)b::text[])
-),
-new_rejections AS (
+                         %(auth_rooms)b::text[])"""
+_NEW_REJECTIONS = """
     INSERT INTO rejections (event_id, reason, last_check)
     SELECT e, r, %(now_ms)s::bigint FROM unnest(%(rejection_events)b::text[],
-                                         %(rejection_reasons)b::text[]) AS u(e, r)
-),
-deoutliered AS (
-    UPDATE events SET outlier = FALSE WHERE event_id = ANY(%(deoutliered)b::text[])
-),
-gone_forward AS (
+                                         %(rejection_reasons)b::text[]) AS u(e, r)"""
+_DEOUTLIERED = """
+    UPDATE events SET outlier = FALSE WHERE event_id = ANY(%(deoutliered)b::text[])"""
+_GONE_FORWARD = """
     DELETE FROM event_forward_extremities AS f
     USING unnest(%(forward_gone_rooms)b::text[], %(forward_gone_events)b::text[]) AS u(r, e)
-    WHERE f.room_id = u.r AND f.event_id = u.e
-),
-new_forward AS (
+    WHERE f.room_id = u.r AND f.event_id = u.e"""
+_NEW_FORWARD = """
     INSERT INTO event_forward_extremities (room_id, event_id)
     SELECT * FROM unnest(%(forward_new_rooms)b::text[], %(forward_new_events)b::text[])
-    ON CONFLICT DO NOTHING
-),
-gone_backward AS (
+    ON CONFLICT DO NOTHING"""
+_GONE_BACKWARD = """
     DELETE FROM event_backward_extremities AS b
     USING unnest(%(backward_gone_rooms)b::text[], %(backward_gone_events)b::text[]) AS u(r, e)
-    WHERE b.room_id = u.r AND b.event_id = u.e
-),
-new_backward AS (
+    WHERE b.room_id = u.r AND b.event_id = u.e"""
+_NEW_BACKWARD = """
     INSERT INTO event_backward_extremities (room_id, event_id)
     SELECT * FROM unnest(%(backward_new_rooms)b::text[], %(backward_new_events)b::text[])
-    ON CONFLICT DO NOTHING
-),
--- In the same transaction as the events, and never backwards. The row is a
--- promise, so a lower value is still true: when another lane of this writer
--- holds it (its transaction has not ended), skip it rather than wait for that
--- COMMIT, which made the lanes commit one after the other. The holder, the
--- next batch or the heartbeat moves it on. The row exists from the writer's
--- start (streams.recover_position).
-position AS (
+    ON CONFLICT DO NOTHING"""
+# In the same transaction as the events, and never backwards. The row is a
+# promise, so a lower value is still true: when another lane of this writer
+# holds it (its transaction has not ended), skip it rather than wait for that
+# COMMIT, which made the lanes commit one after the other. The holder, the
+# next batch or the heartbeat moves it on. The row exists from the writer's
+# start (streams.recover_position).
+_POSITION = """
     UPDATE stream_positions SET stream_id = %(position)s::bigint
     WHERE (stream_name, instance_name) IN (
         SELECT stream_name, instance_name FROM stream_positions
         WHERE stream_name = 'events' AND instance_name = %(instance)s::text
           AND stream_id < %(position)s::bigint
         FOR UPDATE SKIP LOCKED
-    ) AND stream_id < %(position)s::bigint
+    ) AND stream_id < %(position)s::bigint"""
+
+
+def _with(parts: dict[str, str], result: str) -> str:
+    ctes = ",\n".join(f"{name} AS ({sql}\n)" for name, sql in parts.items())
+    return f"\nWITH\n{ctes}\n{result}\n"
+
+
+WRITE_BATCH = _with(
+    {
+        "new_rooms": _NEW_ROOMS,
+        "new_events": _NEW_EVENTS,
+        "new_json": _NEW_JSON,
+        "new_edges": _NEW_EDGES,
+        "new_auth": _NEW_AUTH,
+        "new_rejections": _NEW_REJECTIONS,
+        "deoutliered": _DEOUTLIERED,
+        "gone_forward": _GONE_FORWARD,
+        "new_forward": _NEW_FORWARD,
+        "gone_backward": _GONE_BACKWARD,
+        "new_backward": _NEW_BACKWARD,
+        "position": _POSITION,
+    },
+    "SELECT 1",
 )
-SELECT 1
+
+# A batch in one round trip (`persister.writer.lane`): its orderings are
+# drawn in the same pipeline, after the fence (`DRAW`), and come back as soon
+# as that statement ends, while the write still runs; the write takes them
+# from the transaction's setting. Nothing was loaded, so the write checks
+# what the lane remembered of the rooms (their forward extremities, and that
+# no stored event lists a new one as a missing prev) and refuses the batch
+# otherwise; a duplicate event breaks `events`' unique index. Such batches
+# hold only new, accepted events of known rooms: no room, rejection,
+# outlier or backward extremity to write.
+DRAW = """
+SELECT set_config('persister.orderings', array_agg(o ORDER BY o)::text, true)::bigint[]
+FROM (SELECT nextval('events_stream_seq') FROM generate_series(1, %(count)s::int)) AS d(o)
 """
+WRITE_REMEMBERED = _with(
+    {
+        "new_events": _NEW_EVENTS.replace(
+            "%(orderings)b::bigint[]", "current_setting('persister.orderings')::bigint[]"
+        ),
+        "new_json": _NEW_JSON,
+        "new_edges": _NEW_EDGES,
+        "new_auth": _NEW_AUTH,
+        "gone_forward": _GONE_FORWARD + "\n    RETURNING 1",
+        "new_forward": _NEW_FORWARD + "\n    RETURNING 1",
+        "position": _POSITION,
+    },
+    """SELECT persister_expect((SELECT count(*) FROM gone_forward) = %(forward_gone)s::bigint
+                        AND (SELECT count(*) FROM new_forward) = %(forward_new)s::bigint,
+                        'forward extremities')
+   AND persister_expect(NOT EXISTS (SELECT 1 FROM event_backward_extremities
+                                    WHERE event_id = ANY(%(event_ids)b::text[])),
+                        'a new event is listed as a missing prev')""",
+)
 
 # Parse, analysis and planning of the big statements cost the server more
 # than a small batch's rows (a third of a 10-event transaction's CPU, perf),
@@ -188,13 +232,29 @@ SELECT * FROM persister_fence(%(namespace)s::int, %(instance)s::text,
 LOAD_STATEMENT = pipeline.statement("persister_load_batch", LOAD_BATCH)
 WRITE_STATEMENT = pipeline.statement("persister_write_batch", WRITE_BATCH)
 FENCE_STATEMENT = pipeline.statement("persister_fence", FENCE)
+ROUTED_FENCE_STATEMENT = pipeline.statement(
+    "persister_fence_routed",
+    FENCE.replace("SELECT * FROM persister_fence(", "SELECT persister_fence_routed("),
+)
+DRAW_STATEMENT = pipeline.statement("persister_draw", DRAW)
+WRITE_REMEMBERED_STATEMENT = pipeline.statement("persister_write_remembered", WRITE_REMEMBERED)
+
+
+PREPARED = (
+    LOAD_STATEMENT,
+    WRITE_STATEMENT,
+    FENCE_STATEMENT,
+    ROUTED_FENCE_STATEMENT,
+    DRAW_STATEMENT,
+    WRITE_REMEMBERED_STATEMENT,
+)
 
 
 async def prepare_connection(conn: Connection) -> None:
     """Make `conn` ready to run batches: prepared statements with plans that
     are index probes whatever the tables' size."""
     await conn.execute(LANE_PLAN_SETTINGS)
-    await pipeline.prepare(conn, (LOAD_STATEMENT, WRITE_STATEMENT, FENCE_STATEMENT))
+    await pipeline.prepare(conn, PREPARED)
 
 
 def fence_command(namespace: int, instance: str, liveness_epoch: int, routed_epoch: int) -> Command:
@@ -295,12 +355,59 @@ def write_command(
     `position`, when given, is this writer's stream position once the batch
     commits, stored in the same transaction.
     """
+    params = _write_params(plan, room_versions, instance, now_ms, position)
+    params["orderings"] = Int8Array(orderings)
+    return pipeline.bind(WRITE_STATEMENT, params)
+
+
+def routed_fence_command(
+    namespace: int, instance: str, liveness_epoch: int, routed_epoch: int
+) -> Command:
+    """Both fences, refusing unless `routed_epoch` is the shard map in force."""
+    return pipeline.bind(
+        ROUTED_FENCE_STATEMENT,
+        {
+            "namespace": namespace,
+            "instance": instance,
+            "liveness_epoch": liveness_epoch,
+            "routed_epoch": routed_epoch,
+        },
+    )
+
+
+def draw_command(count: int) -> Command:
+    """`count` forward orderings for `write_remembered_command`'s events."""
+    return pipeline.bind(DRAW_STATEMENT, {"count": count})
+
+
+def drawn(conn: Connection, result: PGresult) -> list[int]:
+    """The orderings `draw_command` drew, in the order the events take them."""
+    ((orderings,),) = pipeline.rows(conn, result)
+    return list(orderings)
+
+
+def write_remembered_command(
+    plan: BatchPlan, room_versions: dict[str, str], instance: str, now_ms: int, position: int
+) -> Command:
+    """The write of a batch planned from what the lane remembers of its rooms
+    (only new, accepted events of known rooms), with the checks that refuse
+    it if the rooms are not as remembered. Its orderings are `draw_command`'s.
+    `position` is a position this writer already holds (the batch's own
+    orderings are not known when it is sent)."""
+    params = _write_params(plan, room_versions, instance, now_ms, position)
+    params["forward_gone"] = len(plan.forward_removed)
+    params["forward_new"] = len(plan.forward_added)
+    return pipeline.bind(WRITE_REMEMBERED_STATEMENT, params)
+
+
+def _write_params(
+    plan: BatchPlan, room_versions: dict[str, str], instance: str, now_ms: int, position: int | None
+) -> dict[str, Any]:
     events = plan.new_events
     params: dict[str, Any] = {
         "instance": instance,
         "now_ms": now_ms,
         "position": position,
-        "orderings": Int8Array(orderings),
         "depths": Int8Array([e.depth for e in events]),
         "event_ids": TextArray([e.event_id for e in events]),
         "event_rooms": TextArray([e.room_id for e in events]),
@@ -322,7 +429,7 @@ def write_command(
     _add_columns(params, ("forward_new_rooms", "forward_new_events"), plan.forward_added)
     _add_columns(params, ("backward_gone_rooms", "backward_gone_events"), plan.backward_removed)
     _add_columns(params, ("backward_new_rooms", "backward_new_events"), plan.backward_added)
-    return pipeline.bind(WRITE_STATEMENT, params)
+    return params
 
 
 def _add_columns(params: dict[str, Any], names: tuple[str, ...], rows: Iterable[Any]) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import psycopg
@@ -36,6 +36,15 @@ Connection = psycopg.AsyncConnection[Any]
 _PLACEHOLDER = re.compile(r"%\((\w+)\)[sb]")
 _BINARY, _TEXT = pq.Format.BINARY, pq.Format.TEXT
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+
+class Early(NamedTuple):
+    """A command of a round trip whose result is wanted as soon as it exists:
+    the server is asked to flush its answers after it, and `heard` is given
+    the result when it arrives, while the commands after it may still run."""
+
+    command: int  # its index in the round trip
+    heard: Callable[[PGresult], None]
 
 
 class Statement(NamedTuple):
@@ -110,17 +119,27 @@ async def prepare(conn: Connection, statements: Sequence[Statement]) -> None:
     await _finish(conn, len(statements))
 
 
-async def round_trip(conn: Connection, commands: Sequence[Command]) -> list[PGresult]:
+async def round_trip(
+    conn: Connection, commands: Sequence[Command], early: Early | None = None
+) -> list[PGresult]:
     """Send `commands` in one round trip; their results, in order. Raises the
-    first error the server gave, as psycopg would."""
+    first error the server gave, as psycopg would.
+
+    Without a flush request the server holds its answers until the Sync at
+    the end; `early` names a command whose successful result is heard as
+    soon as the server has it (the orderings of a batch sent in one round
+    trip must be known before its COMMIT can land, `persister.writer.lane`).
+    """
     pgconn = conn.pgconn
     _enter(pgconn)
-    for command in commands:
+    for index, command in enumerate(commands):
         if command.statement is None:
             pgconn.send_query_params(command.sql, None)
         else:
             pgconn.send_query_prepared(command.statement.name, command.values, command.formats)
-    return await _finish(conn, len(commands))
+        if early is not None and index == early.command:
+            pgconn.send_flush_request()
+    return await _finish(conn, len(commands), early)
 
 
 def rows(conn: Connection, result: PGresult) -> list[tuple[Any, ...]]:
@@ -137,7 +156,7 @@ def _enter(pgconn: PGconn) -> None:
     pgconn.enter_pipeline_mode()
 
 
-async def _finish(conn: Connection, expected: int) -> list[PGresult]:
+async def _finish(conn: Connection, expected: int, early: Early | None = None) -> list[PGresult]:
     pgconn = conn.pgconn
     try:
         pgconn.pipeline_sync()
@@ -146,7 +165,7 @@ async def _finish(conn: Connection, expected: int) -> list[PGresult]:
             # read as well, or both sides could wait on full buffers.
             await _wait(pgconn, write=True)
             pgconn.consume_input()
-        results = await _read_until_sync(pgconn)
+        results = await _read_until_sync(pgconn, early)
         pgconn.exit_pipeline_mode()
     except BaseException:
         pgconn.finish()
@@ -160,7 +179,7 @@ async def _finish(conn: Connection, expected: int) -> list[PGresult]:
     return results
 
 
-async def _read_until_sync(pgconn: PGconn) -> list[PGresult]:
+async def _read_until_sync(pgconn: PGconn, early: Early | None) -> list[PGresult]:
     results: list[PGresult] = []
     while True:
         while pgconn.is_busy():
@@ -171,6 +190,8 @@ async def _read_until_sync(pgconn: PGconn) -> list[PGresult]:
             continue
         if result.status == pq.ExecStatus.PIPELINE_SYNC:
             return results
+        if early is not None and len(results) == early.command and result.status in _OK:
+            early.heard(result)
         results.append(result)
 
 

@@ -69,6 +69,12 @@ SELECT_ROWS_AT: Final = """
     FROM events WHERE stream_ordering = ANY(%s) ORDER BY stream_ordering
 """
 
+SELECT_ROWS_OF_EVENTS: Final = """
+    SELECT stream_ordering, event_id, room_id, type, state_key, sender
+    FROM events WHERE event_id = ANY(%s) AND instance_name = %s AND stream_ordering > %s
+    ORDER BY stream_ordering
+"""
+
 SELECT_ROWS_OF_INSTANCE: Final = """
     SELECT stream_ordering, event_id, room_id, type, state_key, sender
     FROM events
@@ -210,6 +216,15 @@ async def rows_between(
 async def rows_at(conn: AsyncConnection[Any], orderings: Sequence[int]) -> list[EventRow]:
     """The committed events among `orderings` (after a COMMIT whose answer was lost)."""
     cur = await conn.execute(SELECT_ROWS_AT, (list(orderings),))
+    return [EventRow(*row) for row in await cur.fetchall()]
+
+
+async def rows_of_events(
+    conn: AsyncConnection[Any], event_ids: Sequence[str], instance: str, above: int
+) -> list[EventRow]:
+    """The committed events among `event_ids` that `instance` wrote with an
+    ordering above `above` (after a COMMIT whose orderings were never heard)."""
+    cur = await conn.execute(SELECT_ROWS_OF_EVENTS, (list(event_ids), instance, above))
     return [EventRow(*row) for row in await cur.fetchall()]
 
 

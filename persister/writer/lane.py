@@ -2,10 +2,15 @@
 
 Rooms are spread over lanes by a stable hash, so one slow transaction only
 holds back the rooms of its own lane. Each loop iteration drains whatever
-its queue holds (up to `max_batch_events`) into ONE transaction of two round
-trips (BEGIN, fences, loads and enough stream orderings for every event of
-the batch; then the write and the COMMIT), and acknowledges every request of
-the batch only after COMMIT.
+its queue holds (up to `max_batch_events`) into ONE transaction, and
+acknowledges every request of the batch only after COMMIT.
+
+A transaction takes one round trip when the lane remembers the batch's
+rooms (`persister.writer.memory`): BEGIN, fences, the draw of its orderings,
+the write and the COMMIT, pipelined; the orderings are heard as soon as they
+are drawn, before the COMMIT can land. Otherwise, or when the write refuses
+what memory planned, two: BEGIN, fences, loads and enough orderings for
+every event of the batch; then the write and the COMMIT.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
+from psycopg.pq.abc import PGresult
 
-from persister.dag import PLANNED, BatchPlan, EventOutcome, link_batch
+from persister.dag import PLANNED, BatchPlan, EventOutcome, StoredView, link_batch
 from persister.errors import (
     BadRequest,
     InvalidEvent,
@@ -35,9 +41,10 @@ from persister.liveness import FENCE_NS, FENCED_OUT, BackendStillRunning, Fenced
 from persister.metrics import type_class
 from persister.positions import WriterPositions
 from persister.replication.messages import EventRow
-from persister.storage import events_txn
-from persister.storage.pipeline import Command
+from persister.storage import events_txn, pipeline
+from persister.storage.pipeline import Command, Early
 from persister.wire import EventResult
+from persister.writer.memory import RoomsMemory
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
 
@@ -57,6 +64,18 @@ class EpochChanged(Exception):
     """The shard map this lane routed by is no longer in force."""
 
 
+class NotAsRemembered(Exception):
+    """A batch planned from memory was refused by the database (the rooms or
+    the shard map are not as remembered, or an event is stored already) and
+    rolled back: it must be loaded and planned again."""
+
+
+# What the database answers, within a batch written in one round trip, when
+# it is not as the lane remembered: the fence's and the write's refusals
+# (migrations/0006_one_round_trip.sql) and a duplicate key.
+NOT_AS_REMEMBERED = frozenset({"PS004", "PS005", "23505"})
+
+
 class SettleFailed(Exception):
     """The outcome of a lost COMMIT cannot be learnt: the lane must stop
     (not a PersisterError, so that no request handler swallows it)."""
@@ -72,6 +91,8 @@ class CommittedBatch:
     # After the commit, per room the batch touched.
     forward_extremities: list[int]
     by_type_class: dict[str, int]
+    # 1: planned from the lane's memory; 2: loaded. 0: settled after a loss.
+    round_trips: int = 0
 
 
 OnCommit = Callable[[CommittedBatch], Awaitable[None]]
@@ -79,6 +100,9 @@ OnCommit = Callable[[CommittedBatch], Awaitable[None]]
 # orderings it held: wait until that transaction's outcome is final, and
 # return the rows it did commit after all.
 Settle = Callable[[int, list[int]], Awaitable[list[EventRow]]]
+# The same when the orderings were never heard: given the events it wrote and
+# the ordering every one of its own is above.
+SettleEvents = Callable[[int, list[str], int], Awaitable[list[EventRow]]]
 
 
 @dataclass
@@ -117,6 +141,10 @@ class Lane:
         # Returns once the writer's position is at least the given ordering;
         # the writer sets it (its position rises as any lane commits).
         self.wait_position: Callable[[int], Awaitable[None]] = _no_wait
+        # Set by the writer; without it no batch goes in one round trip.
+        self.settle_events: SettleEvents | None = None
+        self.memory = RoomsMemory()
+        self.batches_in_one_round_trip = 0
         self.connection: AsyncConnection[tuple[object, ...]] | None = None
         self.busy = False
         self._connect_lock = asyncio.Lock()
@@ -142,6 +170,7 @@ class Lane:
             autocommit=True,
         )
         await events_txn.prepare_connection(self.connection)
+        self.memory.forget()
 
     async def close(self) -> None:
         if self._unparking is not None:
@@ -337,6 +366,21 @@ class Lane:
                 logger.info("lane reconnected to the database")
 
     async def _persist(self, batch: list[PendingRequest]) -> None:
+        if self.settle_events is not None and not self.settings.commit_in_draw_order:
+            planned = self.memory.plan([r.link for r in batch], self.owners.epoch)
+            if planned is not None:
+                try:
+                    await self._persist_remembered(batch, *planned)
+                    return
+                except NotAsRemembered as exc:
+                    logger.info("a batch planned from memory was refused (%s): loading", exc)
+        try:
+            await self._persist_loaded(batch)
+        except BaseException:
+            self.memory.forget()
+            raise
+
+    async def _persist_loaded(self, batch: list[PendingRequest]) -> None:
         conn = self.connection
         assert conn is not None
         started = time.perf_counter()
@@ -347,7 +391,7 @@ class Lane:
         try:
             # Two round trips: BEGIN + fences + loads + orderings (inside
             # _write_batch), then the write and the COMMIT together.
-            plan, assigned, extremities, write = await self._write_batch(batch, allocated)
+            plan, view, assigned, write = await self._write_batch(batch, allocated)
             await events_txn.commit_txn(conn, write)
         except psycopg.OperationalError:
             if allocated:
@@ -355,12 +399,7 @@ class Lane:
                 # the requests queued behind it too, for settling may take as
                 # long as the database is away; finish the orderings only
                 # once their fate is known.
-                unavailable = StoreUnavailable("database connection lost; retry later")
-                # Not ready while settling, which lasts as long as the outage:
-                # /health says 503 and new requests are refused at once.
-                await self._close_connection()
-                _fail_all(batch, unavailable)
-                self._refuse_queued(unavailable)
+                await self._fail_while_settling(batch)
                 await self._settle_lost(backend_pid, allocated)
             raise
         except BaseException:
@@ -372,11 +411,99 @@ class Lane:
                 self.positions.finish(allocated)
             raise
         self.positions.finish(allocated)
-        # No await between finish() and handing the rows to the publisher:
-        # a heartbeat must not announce a position covering rows it lacks.
+        self.memory.remember([r.link for r in batch], view, assigned, self.owners.epoch)
+        await self._committed(batch, plan, view, assigned, started, round_trips=2)
+
+    async def _persist_remembered(
+        self, batch: list[PendingRequest], view: StoredView, plan: BatchPlan
+    ) -> None:
+        """One round trip for a batch planned from memory. Raises
+        NotAsRemembered, with the transaction rolled back and memory
+        forgotten, if the database refuses the plan."""
+        conn = self.connection
+        assert conn is not None
+        assert self.liveness.epoch is not None
+        started = time.perf_counter()
+        instance = self.settings.instance
+        commands = (
+            events_txn.BEGIN,
+            events_txn.routed_fence_command(
+                FENCE_NS, instance, self.liveness.epoch, self.owners.epoch
+            ),
+            events_txn.draw_command(len(plan.new_events)),
+            events_txn.write_remembered_command(
+                plan, view.room_versions, instance, _now_ms(), self.positions.position()
+            ),
+            events_txn.COMMIT,
+        )
+        token = self.positions.begin_fetch()
+        above = self.positions.fetch_floor(token)
+        allocated: list[int] = []
+
+        def drawn(result: PGresult) -> None:
+            # Heard while the write runs, before the COMMIT can land: from
+            # here on these orderings hold the position, as in two round trips.
+            allocated.extend(events_txn.drawn(conn, result))
+            self.positions.end_fetch(token, allocated)
+
+        backend_pid = conn.info.backend_pid
+        try:
+            await pipeline.round_trip(conn, commands, Early(2, drawn))
+        except psycopg.OperationalError:
+            # The COMMIT left with the rest: it may land.
+            self.memory.forget()
+            await self._fail_while_settling(batch)
+            if allocated:
+                await self._settle_lost(backend_pid, allocated)
+            else:
+                event_ids = [event.event_id for event in plan.new_events]
+                await self._settle_unheard(backend_pid, token, event_ids, above)
+            raise
+        except BaseException as exc:
+            self.memory.forget()
+            try:
+                await self._end_failed_transaction()
+            finally:
+                if allocated:
+                    self.positions.finish(allocated)
+                else:
+                    self.positions.abandon_fetch(token)
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == FENCED_OUT:
+                raise FencedOut(f"instance {instance} was taken over") from exc
+            if isinstance(exc, psycopg.Error) and exc.sqlstate in NOT_AS_REMEMBERED:
+                raise NotAsRemembered(exc.sqlstate) from exc
+            raise
+        self.positions.finish(allocated)
+        assigned = dict(zip((e.event_id for e in plan.new_events), allocated, strict=True))
+        self.memory.remember([r.link for r in batch], view, assigned, self.owners.epoch)
+        self.batches_in_one_round_trip += 1
+        await self._committed(batch, plan, view, assigned, started, round_trips=1)
+
+    async def _committed(
+        self,
+        batch: list[PendingRequest],
+        plan: BatchPlan,
+        view: StoredView,
+        assigned: dict[str, int],
+        started: float,
+        round_trips: int,
+    ) -> None:
+        # No await between the orderings' finish() and handing the rows to
+        # the publisher: a heartbeat must not announce a position covering
+        # rows it lacks.
         elapsed = time.perf_counter() - started
+        rooms = {request.link.room_id for request in batch}
+        extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
         self._acknowledge(batch, plan, assigned)
-        await self.on_commit(_committed(plan, assigned, elapsed, extremities))
+        await self.on_commit(_committed(plan, assigned, elapsed, extremities, round_trips))
+
+    async def _fail_while_settling(self, batch: list[PendingRequest]) -> None:
+        unavailable = StoreUnavailable("database connection lost; retry later")
+        # Not ready while settling, which lasts as long as the outage:
+        # /health says 503 and new requests are refused at once.
+        await self._close_connection()
+        _fail_all(batch, unavailable)
+        self._refuse_queued(unavailable)
 
     async def _end_failed_transaction(self) -> None:
         """Roll back what a failed batch left open, so the connection can serve
@@ -388,7 +515,7 @@ class Lane:
 
     async def _write_batch(
         self, batch: list[PendingRequest], allocated: list[int]
-    ) -> tuple[BatchPlan, dict[str, int], list[int], Command]:
+    ) -> tuple[BatchPlan, StoredView, dict[str, int], Command]:
         """Begin the transaction and plan its write, for the caller to send
         with the COMMIT."""
         assert self.connection is not None
@@ -447,9 +574,7 @@ class Lane:
             plan, orderings, view.room_versions, self.settings.instance, _now_ms(), position
         )
         assigned = {e.event_id: o for e, o in zip(plan.new_events, orderings, strict=True)}
-        rooms = {request.link.room_id for request in batch}
-        extremities = [len(view.forward_extremities.get(room, ())) for room in rooms]
-        return plan, assigned, extremities, write
+        return plan, view, assigned, write
 
     def _refuse_queued(self, error: PersisterError) -> None:
         """Answer every request waiting in this lane's queue with `error`."""
@@ -468,10 +593,34 @@ class Lane:
         cannot cure ends the lane, and with it the process: a restart takes
         the instance over, ending the lost backend first.
         """
+        rows = await self._settled(backend_pid, lambda: self.settle(backend_pid, allocated))
+        self.positions.finish(allocated)
+        await self.on_commit(CommittedBatch(rows, len(rows), 0.0, [], {}))
+
+    async def _settle_unheard(
+        self, backend_pid: int, token: int, event_ids: list[str], above: int
+    ) -> None:
+        """`_settle_lost` for a batch sent in one round trip whose orderings
+        were never heard: the fetch stays open, holding the position, until
+        the database says which of the batch's events landed. Whatever else
+        that transaction drew can never be committed."""
+        settle_events = self.settle_events
+        assert settle_events is not None
+        rows = await self._settled(
+            backend_pid, lambda: settle_events(backend_pid, event_ids, above)
+        )
+        landed = [row.stream_ordering for row in rows]
+        self.positions.end_fetch(token, landed)
+        self.positions.finish(landed)
+        await self.on_commit(CommittedBatch(rows, len(rows), 0.0, [], {}))
+
+    async def _settled(
+        self, backend_pid: int, settle: Callable[[], Awaitable[list[EventRow]]]
+    ) -> list[EventRow]:
         delay = RECONNECT_INITIAL_S
         while True:
             try:
-                rows = await self.settle(backend_pid, allocated)
+                rows = await settle()
                 break
             except (psycopg.OperationalError, BackendStillRunning) as exc:
                 logger.warning(
@@ -488,8 +637,7 @@ class Lane:
             logger.warning("a COMMIT whose answer was lost did land: %d events", len(rows))
         else:
             logger.warning("a COMMIT whose answer was lost wrote no new event")
-        self.positions.finish(allocated)
-        await self.on_commit(CommittedBatch(rows, len(rows), 0.0, [], {}))
+        return rows
 
     def _acknowledge(
         self, batch: list[PendingRequest], plan: BatchPlan, assigned: dict[str, int]
@@ -539,7 +687,11 @@ def _interleave(backfilled: Sequence[bool], forward: list[int], backfill: list[i
 
 
 def _committed(
-    plan: BatchPlan, assigned: dict[str, int], seconds: float, extremities: list[int]
+    plan: BatchPlan,
+    assigned: dict[str, int],
+    seconds: float,
+    extremities: list[int],
+    round_trips: int,
 ) -> CommittedBatch:
     rows = [
         EventRow(assigned[e.event_id], e.event_id, e.room_id, e.type, e.state_key, e.sender)
@@ -552,6 +704,7 @@ def _committed(
         seconds=seconds,
         forward_extremities=extremities,
         by_type_class=Counter(type_class(e.type, e.state_key) for e in plan.new_events),
+        round_trips=round_trips,
     )
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psycopg
 
@@ -75,6 +76,7 @@ class Writer:
         self._advanced = asyncio.Event()  # set, and replaced, at every rise of the position
         for lane in self.lanes:
             lane.wait_position = self._wait_position
+            lane.settle_events = self._settle_events
         self.accepting = False
         self.failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
@@ -211,20 +213,34 @@ class Writer:
         self.events_persisted += batch.event_count
         position = self.positions.position()
         self.metrics.batch_committed(
-            batch.event_count, batch.by_type_class, batch.seconds, batch.forward_extremities
+            batch.event_count,
+            batch.by_type_class,
+            batch.seconds,
+            batch.forward_extremities,
+            batch.round_trips,
         )
         self.metrics.set_queue_depth(self.budget.events)
         self.metrics.set_position(position)
         await self.publisher.publish_batch(batch.events, position)
 
     async def _settle(self, backend_pid: int, orderings: list[int]) -> list[EventRow]:
-        async with await psycopg.AsyncConnection.connect(
+        async with await self._settling_connection() as conn:
+            await settle_lost_connection(conn, backend_pid)
+            return await streams.rows_at(conn, orderings)
+
+    async def _settle_events(
+        self, backend_pid: int, event_ids: list[str], above: int
+    ) -> list[EventRow]:
+        async with await self._settling_connection() as conn:
+            await settle_lost_connection(conn, backend_pid)
+            return await streams.rows_of_events(conn, event_ids, self.instance, above)
+
+    async def _settling_connection(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        return await psycopg.AsyncConnection.connect(
             self.settings.database_url,
             autocommit=True,
             connect_timeout=max(1, int(self.settings.connect_timeout_s)),
-        ) as conn:
-            await settle_lost_connection(conn, backend_pid)
-            return await streams.rows_at(conn, orderings)
+        )
 
     async def stream_rows(
         self, from_exclusive: int, to_inclusive: int, limit: int

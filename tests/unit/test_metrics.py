@@ -23,6 +23,7 @@ PINNED = {
     "persister_forward_extremities": ("histogram", {"instance"}),
     "persister_db_transaction_seconds": ("histogram", {"instance"}),
     "persister_requests": ("counter", {"instance", "status"}),
+    "persister_batches": ("counter", {"instance", "round_trips"}),
 }
 
 
