@@ -166,10 +166,10 @@ WRITE_BATCH = _with(
 # drawn in the same pipeline, after the fence (`DRAW`), and come back as soon
 # as that statement ends, while the write still runs; the write takes them
 # from the transaction's setting. Nothing was loaded, so the write checks
-# what the lane remembered of the rooms (their forward extremities, and that
-# no stored event lists a new one as a missing prev) and refuses the batch
-# otherwise; a duplicate event breaks `events`' unique index. Such batches
-# hold only new, accepted events of known rooms: no room, rejection,
+# what the lane remembered of its rooms (their forward extremities, exactly,
+# and that no stored event lists a new one as a missing prev) and refuses the
+# batch otherwise; a duplicate event breaks `events`' unique index. Such
+# batches hold only new, accepted events of known rooms: no room, rejection,
 # outlier or backward extremity to write.
 DRAW = """
 SELECT set_config('persister.orderings', array_agg(o ORDER BY o)::text, true)::bigint[]
@@ -183,16 +183,25 @@ WRITE_REMEMBERED = _with(
         "new_json": _NEW_JSON,
         "new_edges": _NEW_EDGES,
         "new_auth": _NEW_AUTH,
-        "gone_forward": _GONE_FORWARD + "\n    RETURNING 1",
-        "new_forward": _NEW_FORWARD + "\n    RETURNING 1",
+        "gone_forward": _GONE_FORWARD,
+        "new_forward": _NEW_FORWARD,
         "position": _POSITION,
     },
-    """SELECT persister_expect((SELECT count(*) FROM gone_forward) = %(forward_gone)s::bigint
-                        AND (SELECT count(*) FROM new_forward) = %(forward_new)s::bigint,
-                        'forward extremities')
-   AND persister_expect(NOT EXISTS (SELECT 1 FROM event_backward_extremities
-                                    WHERE event_id = ANY(%(event_ids)b::text[])),
-                        'a new event is listed as a missing prev')""",
+    # The main query sees the tables as they were before the parts' writes.
+    """SELECT persister_expect(
+           (SELECT count(*) FROM event_forward_extremities WHERE room_id = ANY(%(rooms)b::text[]))
+               = cardinality(%(remembered_rooms)b::text[])
+           AND NOT EXISTS (
+               SELECT 1 FROM event_forward_extremities
+               WHERE room_id = ANY(%(rooms)b::text[])
+                 AND (room_id, event_id) NOT IN (
+                     SELECT * FROM unnest(%(remembered_rooms)b::text[],
+                                          %(remembered_events)b::text[]))),
+           'forward extremities')
+       AND persister_expect(
+           NOT EXISTS (SELECT 1 FROM event_backward_extremities
+                       WHERE event_id = ANY(%(event_ids)b::text[])),
+           'a new event is listed as a missing prev')""",
 )
 
 # Parse, analysis and planning of the big statements cost the server more
@@ -387,16 +396,22 @@ def drawn(conn: Connection, result: PGresult) -> list[int]:
 
 
 def write_remembered_command(
-    plan: BatchPlan, room_versions: dict[str, str], instance: str, now_ms: int, position: int
+    plan: BatchPlan,
+    remembered_forward: Sequence[tuple[str, str]],
+    room_versions: dict[str, str],
+    instance: str,
+    now_ms: int,
+    position: int,
 ) -> Command:
     """The write of a batch planned from what the lane remembers of its rooms
-    (only new, accepted events of known rooms), with the checks that refuse
-    it if the rooms are not as remembered. Its orderings are `draw_command`'s.
-    `position` is a position this writer already holds (the batch's own
-    orderings are not known when it is sent)."""
+    (only new, accepted events of known rooms), refused unless the rooms'
+    forward extremities are `remembered_forward` (room, event) and no stored
+    event lists a new one as a missing prev. Its orderings are
+    `draw_command`'s. `position` is a position this writer already holds
+    (the batch's own orderings are not known when it is sent)."""
     params = _write_params(plan, room_versions, instance, now_ms, position)
-    params["forward_gone"] = len(plan.forward_removed)
-    params["forward_new"] = len(plan.forward_added)
+    params["rooms"] = TextArray(room_versions)
+    _add_columns(params, ("remembered_rooms", "remembered_events"), remembered_forward)
     return pipeline.bind(WRITE_REMEMBERED_STATEMENT, params)
 
 

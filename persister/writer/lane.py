@@ -44,7 +44,7 @@ from persister.replication.messages import EventRow
 from persister.storage import events_txn, pipeline
 from persister.storage.pipeline import Command, Early
 from persister.wire import EventResult
-from persister.writer.memory import RoomsMemory
+from persister.writer.memory import RememberedPlan, RoomsMemory
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
 
@@ -370,7 +370,7 @@ class Lane:
             planned = self.memory.plan([r.link for r in batch], self.owners.epoch)
             if planned is not None:
                 try:
-                    await self._persist_remembered(batch, *planned)
+                    await self._persist_remembered(batch, planned)
                     return
                 except NotAsRemembered as exc:
                     logger.info("a batch planned from memory was refused (%s): loading", exc)
@@ -415,11 +415,12 @@ class Lane:
         await self._committed(batch, plan, view, assigned, started, round_trips=2)
 
     async def _persist_remembered(
-        self, batch: list[PendingRequest], view: StoredView, plan: BatchPlan
+        self, batch: list[PendingRequest], remembered: RememberedPlan
     ) -> None:
         """One round trip for a batch planned from memory. Raises
         NotAsRemembered, with the transaction rolled back and memory
         forgotten, if the database refuses the plan."""
+        view, plan = remembered.view, remembered.plan
         conn = self.connection
         assert conn is not None
         assert self.liveness.epoch is not None
@@ -432,7 +433,12 @@ class Lane:
             ),
             events_txn.draw_command(len(plan.new_events)),
             events_txn.write_remembered_command(
-                plan, view.room_versions, instance, _now_ms(), self.positions.position()
+                plan,
+                remembered.forward_extremities,
+                view.room_versions,
+                instance,
+                _now_ms(),
+                self.positions.position(),
             ),
             events_txn.COMMIT,
         )

@@ -32,6 +32,17 @@ EVENTS_PER_ROOM = 32
 ROOMS = 50_000
 
 
+@dataclass(frozen=True, slots=True)
+class RememberedPlan:
+    """A batch planned from memory."""
+
+    view: StoredView  # as `dag.link_batch` left it
+    plan: BatchPlan
+    # The rooms' forward extremities (room, event) as remembered before the
+    # batch: the write refuses the batch unless they are exactly the stored ones.
+    forward_extremities: list[tuple[str, str]]
+
+
 @dataclass(slots=True)
 class RoomMemory:
     version: str
@@ -55,13 +66,14 @@ class RoomsMemory:
     def forget(self) -> None:
         self._rooms.clear()
 
-    def plan(self, links: Sequence[LinkRequest], epoch: int) -> tuple[StoredView, BatchPlan] | None:
-        """The view and plan of a batch that memory alone can plan, or None:
-        then it must be loaded. Routed by `epoch`."""
+    def plan(self, links: Sequence[LinkRequest], epoch: int) -> RememberedPlan | None:
+        """The plan of a batch that memory alone can plan, or None: then it
+        must be loaded. Routed by `epoch`."""
         self._follow(epoch)
         view = self._view(links)
         if view is None:
             return None
+        forward = [(room, e) for room, events in view.forward_extremities.items() for e in events]
         plan = link_batch(view, links)
         if (
             not plan.new_events
@@ -72,7 +84,7 @@ class RoomsMemory:
             or plan.backward_removed
         ):
             return None
-        return view, plan
+        return RememberedPlan(view, plan, forward)
 
     def remember(
         self,

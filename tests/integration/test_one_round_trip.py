@@ -119,3 +119,21 @@ async def test_an_event_stored_before_the_lane_remembered_it_is_still_a_duplicat
     assert again["results"][0]["stream_ordering"] == first_answer["results"][0]["stream_ordering"]
     assert len(await stored(database_url, event_id)) == 1
     assert await forward_extremities(database_url, room.room_id) == {event_id}
+
+
+async def test_an_extremity_remembered_but_not_stored_refuses_the_batch_too(
+    writer: Writer, api: Client, database_url: str
+) -> None:
+    room = RoomBuilder(room_id="!extra:example.org")
+    first, pdu = room.event()
+    await persist(api, room, pdu)
+    second, pdu = room.event()
+    await persist(api, room, pdu)
+    lane = lane_of(writer, room)
+    # Remembered as still an extremity, which it stopped being.
+    lane.memory._rooms[room.room_id].forward_extremities.add(first)
+    third, pdu = room.event()
+    answer = await persist(api, room, pdu)
+    assert lane.batches_in_one_round_trip == 1
+    assert answer["results"][0]["duplicate"] is False
+    assert await forward_extremities(database_url, room.room_id) == {third}

@@ -62,7 +62,8 @@ def test_a_room_the_lane_wrote_plans_its_next_events_without_loading() -> None:
     memory = memory_of_room_with_head()
     planned = memory.plan([request(event("$c", "$b"))], EPOCH)
     assert planned is not None
-    view, plan = planned
+    view, plan = planned.view, planned.plan
+    assert planned.forward_extremities == [(ROOM, "$b")]
     assert [e.event_id for e in plan.new_events] == ["$c"]
     assert plan.forward_removed == {(ROOM, "$b")}
     assert plan.forward_added == {(ROOM, "$c")}
@@ -84,17 +85,18 @@ def test_memory_plans_exactly_what_loading_the_stored_rows_would() -> None:
         backward_extremities=set(),
         referenced=set(),
     )
-    assert planned[1] == link_batch(stored, links)
+    assert planned.plan == link_batch(stored, links)
 
 
 def test_a_committed_batch_moves_the_remembered_forward_extremities() -> None:
     memory = memory_of_room_with_head()
-    view, _ = memory.plan([request(event("$c", "$b"))], EPOCH) or (None, None)
-    assert view is not None
-    memory.remember([request(event("$c", "$b"))], view, {"$c": 102}, EPOCH)
+    planned = memory.plan([request(event("$c", "$b"))], EPOCH)
+    assert planned is not None
+    memory.remember([request(event("$c", "$b"))], planned.view, {"$c": 102}, EPOCH)
     planned = memory.plan([request(event("$d", "$c"))], EPOCH)
     assert planned is not None
-    assert planned[1].forward_removed == {(ROOM, "$c")}
+    assert planned.forward_extremities == [(ROOM, "$c")]
+    assert planned.plan.forward_removed == {(ROOM, "$c")}
 
 
 def test_a_room_never_written_is_loaded() -> None:
