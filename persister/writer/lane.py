@@ -168,6 +168,11 @@ class Lane:
             # the batch's pipelines (persister.storage.events_txn), not by
             # psycopg, whose implicit BEGIN would cost a round trip of its own.
             autocommit=True,
+            # psycopg would prepare a query it runs often (the idle check)
+            # and, at the next rollback of a failed batch, send DEALLOCATE
+            # ALL, dropping the batch statements too: every later batch of
+            # the lane failed until it reconnected.
+            prepare_threshold=None,
         )
         await events_txn.prepare_connection(self.connection)
         self.memory.forget()

@@ -2,7 +2,9 @@
 
 The write takes nothing on trust: when the rooms are not as the lane
 remembers them, the database refuses the batch, it is rolled back, and the
-lane loads and writes it the usual way, with the answer loading gives.
+lane loads and writes it the usual way, with the answer loading gives. Such
+refusals roll back, and a rollback must leave the lane's prepared statements
+in place.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import psycopg
 from aiohttp.test_utils import TestClient
 
+from persister.storage import events_txn, pipeline
 from persister.writer.lane import Lane
 from persister.writer.service import Writer
 from tests.fixtures.persister import AUTH, RoomBuilder, body, envelope, events_path
@@ -137,3 +140,18 @@ async def test_an_extremity_remembered_but_not_stored_refuses_the_batch_too(
     assert lane.batches_in_one_round_trip == 1
     assert answer["results"][0]["duplicate"] is False
     assert await forward_extremities(database_url, room.room_id) == {third}
+
+
+async def test_a_rolled_back_batch_leaves_the_lane_its_prepared_statements(
+    writer: Writer, api: Client, database_url: str
+) -> None:
+    room = RoomBuilder(room_id="!rollback:example.org")
+    lane = lane_of(writer, room)
+    assert lane.connection is not None
+    for _ in range(8):  # often enough for psycopg to prepare it, were it allowed to
+        await lane._check_idle_connection()
+    await pipeline.round_trip(lane.connection, (events_txn.BEGIN,))
+    await lane._end_failed_transaction()
+    event_id, pdu = room.event()
+    await persist(api, room, pdu)
+    assert len(await stored(database_url, event_id)) == 1
