@@ -6,7 +6,8 @@
 -- the batch the two-round-trip way.
 
 -- Both fences, refusing (PS004) unless the newest shard-map epoch is the one
--- the lane routed by and is in force.
+-- the lane routed by. Whether it is in force matters only for rooms the
+-- writer gained with it, and the lane never sends those this way.
 CREATE FUNCTION persister_fence_routed(
     fence_ns INT, instance TEXT, liveness_epoch BIGINT, routed_epoch BIGINT
 ) RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
@@ -14,10 +15,9 @@ DECLARE
     found RECORD;
 BEGIN
     SELECT * INTO found FROM persister_fence(fence_ns, instance, liveness_epoch, routed_epoch);
-    IF found.shard_epoch <> routed_epoch OR found.sequence_at_start IS NULL THEN
-        RAISE EXCEPTION 'shard map epoch % (in force: %) is not the routed epoch %',
-            found.shard_epoch, found.sequence_at_start IS NOT NULL, routed_epoch
-            USING ERRCODE = 'PS004';
+    IF found.shard_epoch <> routed_epoch THEN
+        RAISE EXCEPTION 'shard map epoch % is not the routed epoch %',
+            found.shard_epoch, routed_epoch USING ERRCODE = 'PS004';
     END IF;
 END
 $$;

@@ -371,7 +371,7 @@ class Lane:
                 logger.info("lane reconnected to the database")
 
     async def _persist(self, batch: list[PendingRequest]) -> None:
-        if self.settle_events is not None and not self.settings.commit_in_draw_order:
+        if self._may_go_in_one_round_trip(batch):
             planned = self.memory.plan([r.link for r in batch], self.owners.epoch)
             if planned is not None:
                 try:
@@ -384,6 +384,16 @@ class Lane:
         except BaseException:
             self.memory.forget()
             raise
+
+    def _may_go_in_one_round_trip(self, batch: list[PendingRequest]) -> bool:
+        # Rooms gained with an epoch not yet in force wait for it, which only
+        # the loaded path checks; and the settings that need the orderings
+        # before the write is sent keep two round trips.
+        return (
+            self.settle_events is not None
+            and not self.settings.commit_in_draw_order
+            and not self._gains_rooms_of(batch)
+        )
 
     async def _persist_loaded(self, batch: list[PendingRequest]) -> None:
         conn = self.connection
