@@ -31,6 +31,15 @@ async def persist(api: Client, room: RoomBuilder, pdu: dict[str, Any]) -> dict[s
     return result
 
 
+async def two_events(api: Client, room: RoomBuilder) -> tuple[str, str]:
+    """Persist two events of `room`, the second after the first; their IDs."""
+    first, pdu = room.event()
+    await persist(api, room, pdu)
+    second, pdu = room.event()
+    await persist(api, room, pdu)
+    return first, second
+
+
 def lane_of(writer: Writer, room: RoomBuilder) -> Lane:
     return writer._lane_for(room.room_id)
 
@@ -77,10 +86,7 @@ async def test_a_fork_from_an_older_event_is_linked_as_loading_would(
     writer: Writer, api: Client, database_url: str
 ) -> None:
     room = RoomBuilder(room_id="!fork:example.org")
-    first, pdu = room.event()
-    await persist(api, room, pdu)
-    second, pdu = room.event()
-    await persist(api, room, pdu)
+    first, second = await two_events(api, room)
     fork, pdu = room.event(prevs=[first], advance=False)
     await persist(api, room, pdu)
     assert lane_of(writer, room).batches_in_one_round_trip == 2
@@ -91,10 +97,7 @@ async def test_when_the_extremities_are_not_as_remembered_the_batch_is_loaded_in
     writer: Writer, api: Client, database_url: str
 ) -> None:
     room = RoomBuilder(room_id="!stale:example.org")
-    first, pdu = room.event()
-    await persist(api, room, pdu)
-    second, pdu = room.event()
-    await persist(api, room, pdu)
+    first, second = await two_events(api, room)
     lane = lane_of(writer, room)
     # As if the lane had missed its own last commit.
     lane.memory._rooms[room.room_id].forward_extremities = {first}
@@ -128,10 +131,7 @@ async def test_an_extremity_remembered_but_not_stored_refuses_the_batch_too(
     writer: Writer, api: Client, database_url: str
 ) -> None:
     room = RoomBuilder(room_id="!extra:example.org")
-    first, pdu = room.event()
-    await persist(api, room, pdu)
-    second, pdu = room.event()
-    await persist(api, room, pdu)
+    first, second = await two_events(api, room)
     lane = lane_of(writer, room)
     # Remembered as still an extremity, which it stopped being.
     lane.memory._rooms[room.room_id].forward_extremities.add(first)

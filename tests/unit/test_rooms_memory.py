@@ -7,36 +7,20 @@ backfill, another shard-map epoch) is left to loading.
 
 from __future__ import annotations
 
+from typing import Any
+
 from persister.dag import LinkRequest, StoredEvent, StoredView, link_batch
 from persister.matrix.prepared import PreparedEvent
 from persister.writer.memory import RoomsMemory
+from tests.unit.test_dag import event as dag_event
 
 ROOM = "!room:example.org"
 OTHER = "!other:example.org"
 EPOCH = 3
 
 
-def event(
-    event_id: str,
-    *prevs: str,
-    room_id: str = ROOM,
-    outlier: bool = False,
-    rejected: str | None = None,
-) -> PreparedEvent:
-    return PreparedEvent(
-        event_id=event_id,
-        room_id=room_id,
-        type="m.room.message",
-        state_key=None,
-        sender="@a:example.org",
-        origin_server_ts=0,
-        depth=len(event_id),
-        prev_event_ids=prevs,
-        auth_event_ids=(),
-        outlier=outlier,
-        rejected_reason=rejected,
-        json="{}",
-    )
+def event(event_id: str, *prevs: str, **fields: Any) -> PreparedEvent:
+    return dag_event(event_id, prevs, **fields)
 
 
 def request(*events: PreparedEvent, backfilled: bool = False) -> LinkRequest:
@@ -67,7 +51,7 @@ def test_a_room_the_lane_wrote_plans_its_next_events_without_loading() -> None:
     assert [e.event_id for e in plan.new_events] == ["$c"]
     assert plan.forward_removed == {(ROOM, "$b")}
     assert plan.forward_added == {(ROOM, "$c")}
-    assert view.events["$b"] == StoredEvent(ROOM, False, False, 101, 2)
+    assert view.events["$b"] == StoredEvent(ROOM, False, False, 101, 1)
 
 
 def test_memory_plans_exactly_what_loading_the_stored_rows_would() -> None:
@@ -78,7 +62,7 @@ def test_memory_plans_exactly_what_loading_the_stored_rows_would() -> None:
     stored = StoredView(
         events={
             "$a": StoredEvent(ROOM, False, False, 100, 2),
-            "$b": StoredEvent(ROOM, False, False, 101, 2),
+            "$b": StoredEvent(ROOM, False, False, 101, 1),
         },
         room_versions={ROOM: "10"},
         forward_extremities={ROOM: {"$b"}},
