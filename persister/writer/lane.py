@@ -435,7 +435,7 @@ class Lane:
             raise
         self.positions.finish(allocated)
         self.memory.remember([r.link for r in batch], view, assigned, self.owners.epoch)
-        await self._committed(batch, plan, view, assigned, started, round_trips=2)
+        await self._hand_over(batch, plan, view, assigned, started, round_trips=2)
 
     async def _persist_remembered(
         self, batch: list[PendingRequest], remembered: RememberedPlan
@@ -506,9 +506,9 @@ class Lane:
         assigned = dict(zip((e.event_id for e in plan.new_events), allocated, strict=True))
         self.memory.remember([r.link for r in batch], view, assigned, self.owners.epoch)
         self.batches_in_one_round_trip += 1
-        await self._committed(batch, plan, view, assigned, started, round_trips=1)
+        await self._hand_over(batch, plan, view, assigned, started, round_trips=1)
 
-    async def _committed(
+    async def _hand_over(
         self,
         batch: list[PendingRequest],
         plan: BatchPlan,
@@ -517,6 +517,7 @@ class Lane:
         started: float,
         round_trips: int,
     ) -> None:
+        """Answer a committed batch's requests and give its rows to the writer."""
         # No await between the orderings' finish() and handing the rows to
         # the publisher: a heartbeat must not announce a position covering
         # rows it lacks.
