@@ -374,15 +374,17 @@ class Lane:
                 logger.info("lane reconnected to the database")
 
     async def _persist(self, batch: list[PendingRequest]) -> None:
-        if self._may_go_in_one_round_trip(batch):
-            planned = self.memory.plan([r.link for r in batch], self.owners.epoch)
-            if planned is not None:
-                try:
-                    await self._persist_remembered(batch, planned)
-                    return
-                except NotAsRemembered as exc:
-                    logger.info("a batch planned from memory was refused (%s): loading", exc)
+        # Whatever went wrong, memory may no longer be what is stored.
         try:
+            if self._may_go_in_one_round_trip(batch):
+                planned = self.memory.plan([r.link for r in batch], self.owners.epoch)
+                if planned is not None:
+                    try:
+                        await self._persist_remembered(batch, planned)
+                        return
+                    except NotAsRemembered as exc:
+                        self.memory.forget()
+                        logger.info("a batch planned from memory was refused (%s): loading", exc)
             await self._persist_loaded(batch)
         except BaseException:
             self.memory.forget()
@@ -441,8 +443,8 @@ class Lane:
         self, batch: list[PendingRequest], remembered: RememberedPlan
     ) -> None:
         """One round trip for a batch planned from memory. Raises
-        NotAsRemembered, with the transaction rolled back and memory
-        forgotten, if the database refuses the plan."""
+        NotAsRemembered, with the transaction rolled back, if the database
+        refuses the plan."""
         view, plan = remembered.view, remembered.plan
         conn = self.connection
         assert conn is not None
@@ -480,7 +482,6 @@ class Lane:
             await pipeline.round_trip(conn, commands, Early(2, drawn))
         except psycopg.OperationalError:
             # The COMMIT left with the rest: it may land.
-            self.memory.forget()
             await self._fail_while_settling(batch)
             if allocated:
                 await self._settle_lost(backend_pid, allocated)
@@ -489,7 +490,6 @@ class Lane:
                 await self._settle_unheard(backend_pid, token, event_ids, above)
             raise
         except BaseException as exc:
-            self.memory.forget()
             try:
                 await self._end_failed_transaction()
             finally:
