@@ -99,6 +99,8 @@ def _phase_names(runs: Sequence[RunResult]) -> list[str]:
 def run_once(variant: Variant, common: Sequence[str], out: Path) -> tuple[RunResult | None, bool]:
     """One harness run of `variant`: its result (None if it wrote none), and
     whether it succeeded (a failed verification fails it too)."""
+    # The run starts in the checkout's folder: a relative `out` would land there.
+    out = out.resolve()
     command = [sys.executable, str(variant.checkout / "bench" / "run.py")]
     command += [*common, *variant.arguments, "--out", str(out)]
     print(f"== {variant.name}: {shlex.join(command[1:])}", flush=True)

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from persister.bench.report import RunResult
-from persister.bench.rounds import CHECKOUT, parse_variant, summarise
+from persister.bench.rounds import CHECKOUT, parse_variant, run_once, summarise
 
 
 def _percentiles(p50: float, p99: float) -> dict[str, Any]:
@@ -137,3 +137,25 @@ def test_a_variant_may_run_another_checkout(tmp_path: Path) -> None:
 def test_a_malformed_variant_is_refused_with_the_reason(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="variant"):
         parse_variant(text)
+
+
+def test_another_checkout_writes_its_result_where_the_caller_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake harness writes an empty run into --out, relative to its own folder.
+    checkout = tmp_path / "other"
+    (checkout / "bench").mkdir(parents=True)
+    result = msgspec.json.encode(_run(_phase("closed", 100, 0.1, 1.0))).decode()
+    (checkout / "bench" / "run.py").write_text(
+        "import pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "out.mkdir(parents=True)\n"
+        f"(out / 'result.json').write_text({result!r})\n"
+    )
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    found, ok = run_once(parse_variant(f"base@{checkout}="), [], Path("rounds/base-1"))
+    assert ok and found is not None
+    assert (caller / "rounds" / "base-1" / "result.json").is_file()
+    assert not (checkout / "rounds").exists()
