@@ -100,7 +100,7 @@ MAX_BUFFERED_ROWS: Final = 10_000
 SHARD_MAP_POLL_S: Final = 1.0
 # Messages that arrive while start() reads the database are kept for after.
 MAX_EARLY_MESSAGES: Final = 100_000
-# Writers announce every second, so a silent subscription is a dead one
+# Writers announce at least every second, so a silent subscription is a dead one
 # (a half-open TCP connection never errors): ping, and reconnect if even
 # the pong does not come.
 PING_INTERVAL_S: Final = 1.0

@@ -64,13 +64,14 @@ async def test_an_idle_writer_announces_at_least_once_a_second(
     await publisher.start()
 
     async def position() -> int:
+        await asyncio.sleep(0.1)  # a slow database read
         return 42
 
-    publisher.start_heartbeat(position, interval_s=0.2)
-    await asyncio.sleep(1.3)
+    publisher.start_heartbeat(position)
+    await asyncio.sleep(3.2)
     await publisher.close()
     times = [t for t, c in listener.commands if c.instance == "w1"]
-    assert len(times) >= 5
+    assert len(times) >= 4
     assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 1.0
     assert all(c.pos == 42 for c in listener.of("w1"))
 
