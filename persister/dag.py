@@ -9,15 +9,21 @@ ones planned, exactly as if each had been committed in turn.
 Rules, following Synapse where the contract leaves room:
 - A new non-outlier, non-rejected event becomes a forward extremity unless a
   stored (or earlier) non-outlier, non-rejected event lists it as a prev; its
-  prevs stop being forward extremities. Backfilled events never change forward
+  prevs stop being forward extremities, and so does any forward extremity
+  that such an event lists (a backfilled one may: Synapse's
+  `_calculate_new_extremities`). Backfilled events never change forward
   extremities.
 - Non-rejected events get `event_edges` rows (outliers too, as in Synapse);
   only non-outliers turn missing or outlier prevs into backward extremities,
-  and an arriving non-outlier stops being one.
-- Rejected events are stored with their reason and touch no extremity.
+  and an arriving event stops being one (a rejected one too: it is no longer
+  missing).
+- Rejected events are stored with their reason and otherwise touch no
+  extremity.
 - An event already stored is a duplicate and changes nothing, except that an
-  outlier arriving as a non-outlier is de-outliered in place (it keeps its
-  stream ordering, as in Synapse) and then linked like a new event.
+  outlier arriving as an accepted non-outlier is de-outliered in place (it
+  keeps its stream ordering, as in Synapse) and then linked like a new event
+  of its request, backfilled or not. An outlier stored as rejected stays
+  rejected: it is de-outliered but linked into nothing.
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ class StoredView(msgspec.Struct):
     room_versions: dict[str, str]
     forward_extremities: dict[str, set[str]]
     backward_extremities: set[tuple[str, str]]
-    # Events of the batch that a stored non-outlier, non-rejected event
-    # already lists as a prev: they never become forward extremities.
+    # Events of the batch, and forward extremities of its rooms, that a
+    # stored non-outlier, non-rejected event already lists as a prev: they
+    # are never forward extremities once a non-backfilled event is linked.
     referenced: set[str]
 
 
@@ -148,7 +155,7 @@ def _link_event(
     stored = view.events.get(event.event_id)
     if stored is not None:
         if stored.outlier and not event.outlier and event.rejected_reason is None:
-            _deoutlier(view, plan, event, stored)
+            _deoutlier(view, plan, event, stored, backfilled)
             return EventOutcome(event.event_id, stored.depth, stored.stream_ordering, False)
         return EventOutcome(event.event_id, stored.depth, stored.stream_ordering, True)
     _store_new(view, plan, event, backfilled)
@@ -164,6 +171,7 @@ def _store_new(view: StoredView, plan: BatchPlan, event: PreparedEvent, backfill
     plan.auth.extend((event.event_id, auth_id, event.room_id) for auth_id in event.auth_event_ids)
     if event.rejected_reason is not None:
         plan.rejections.append((event.event_id, event.rejected_reason))
+        _stop_being_backward_extremity(view, plan, event.room_id, event.event_id)
         return
     plan.edges.extend((event.event_id, prev, event.room_id) for prev in event.prev_event_ids)
     if not event.outlier:
@@ -171,10 +179,10 @@ def _store_new(view: StoredView, plan: BatchPlan, event: PreparedEvent, backfill
 
 
 def _deoutlier(
-    view: StoredView, plan: BatchPlan, event: PreparedEvent, stored: StoredEvent
+    view: StoredView, plan: BatchPlan, event: PreparedEvent, stored: StoredEvent, backfilled: bool
 ) -> None:
     view.events[event.event_id] = StoredEvent(
-        stored.room_id, False, False, stored.stream_ordering, stored.depth
+        stored.room_id, False, stored.rejected, stored.stream_ordering, stored.depth
     )
     if stored.stream_ordering == PLANNED:
         # Planned as an outlier earlier in this batch: store it as a
@@ -184,8 +192,10 @@ def _deoutlier(
         plan.new_events[index] = msgspec.structs.replace(plan.new_events[index], outlier=False)
     else:
         plan.deoutliered.append(event.event_id)
+    if stored.rejected:
+        return  # a re-send does not lift a rejection
     # Its edges were planned or written when it arrived as an outlier.
-    _link_into_room(view, plan, event, backfilled=False)
+    _link_into_room(view, plan, event, backfilled)
 
 
 def _link_into_room(
@@ -203,6 +213,7 @@ def _link_into_room(
     forward = view.forward_extremities.setdefault(room_id, set())
     _remove_forward(plan, forward, room_id, event.prev_event_ids)
     view.referenced.update(event.prev_event_ids)
+    _remove_forward(plan, forward, room_id, forward & view.referenced)
     if event.event_id not in view.referenced:
         forward.add(event.event_id)
         _record_change(plan.forward_added, plan.forward_removed, (room_id, event.event_id))

@@ -33,9 +33,12 @@ Connection = AsyncConnection[Any]
 # its unique index once per ID (OFFSET 0 keeps the planner from turning the
 # probes into a hash join over a sequential scan, which it prefers for a few
 # hundred IDs whatever the table's size when statistics are missing or
-# stale: a scan of the whole table per batch). Orderings come from the
-# shared sequences, which are not transactional: a rollback leaves a gap that
-# the position tracker treats as finished.
+# stale: a scan of the whole table per batch). A forward extremity's row
+# says whether a stored event lists it as a prev (only a backfilled one can,
+# and the next event linked drops it, `persister.dag`): one probe of
+# `event_edges_prev` per extremity, nearly always finding nothing. Orderings
+# come from the shared sequences, which are not transactional: a rollback
+# leaves a gap that the position tracker treats as finished.
 LOAD_BATCH = """
 SELECT 0, e.*
 FROM unnest(%(known)b::text[]) AS k(id),
@@ -46,8 +49,12 @@ UNION ALL
 SELECT 1, room_id, room_version, NULL, NULL, NULL, NULL
 FROM rooms WHERE room_id = ANY(%(rooms)b::text[])
 UNION ALL
-SELECT 2, room_id, event_id, NULL, NULL, NULL, NULL
-FROM event_forward_extremities WHERE room_id = ANY(%(rooms)b::text[])
+SELECT 2, f.room_id, f.event_id,
+       EXISTS (SELECT 1 FROM event_edges AS l JOIN events AS v ON v.event_id = l.event_id
+               WHERE l.prev_event_id = f.event_id AND NOT v.outlier
+                 AND v.rejection_reason IS NULL),
+       NULL, NULL, NULL
+FROM event_forward_extremities AS f WHERE f.room_id = ANY(%(rooms)b::text[])
 UNION ALL
 SELECT 3, room_id, event_id, NULL, NULL, NULL, NULL
 FROM event_backward_extremities WHERE event_id = ANY(%(known)b::text[])
@@ -318,6 +325,7 @@ def view_from_rows(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, l
     room_versions: dict[str, str] = {}
     forward: dict[str, set[str]] = {}
     backward: set[tuple[str, str]] = set()
+    referenced_forward: set[str] = set()
     drawn: dict[int, list[int]] = {DRAWN_FORWARD: [], DRAWN_BACKFILL: []}
     for kind, a, b, outlier, rejected, ordering, depth in rows:
         if kind == LOAD_EVENT:
@@ -326,6 +334,8 @@ def view_from_rows(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, l
             room_versions[a] = b
         elif kind == LOAD_FORWARD:
             forward.setdefault(a, set()).add(b)
+            if outlier:  # the "listed by a stored event" flag, in this column
+                referenced_forward.add(b)
         elif kind == LOAD_BACKWARD:
             backward.add((a, b))
         else:
@@ -340,7 +350,7 @@ def view_from_rows(rows: list[tuple[Any, ...]]) -> tuple[StoredView, dict[int, l
         # it stays one until it arrives as a non-outlier. So for the events
         # being linked, "listed as a prev by a stored event" is exactly
         # "is a backward extremity": no join over event_edges is needed.
-        referenced={event_id for _, event_id in backward},
+        referenced={event_id for _, event_id in backward} | referenced_forward,
     )
     return view, drawn
 

@@ -100,13 +100,14 @@ class RoomsMemory:
         rooms = {link.room_id for link in links}
         for room_id in rooms:
             version = view.room_versions.get(room_id)
-            if version is None:
-                continue
             previous = self._rooms.pop(room_id, None)  # re-inserted as the newest
+            forward = view.forward_extremities.get(room_id, set())
+            if version is None or not forward.isdisjoint(view.referenced):
+                # A backfilled event listed a forward extremity, which the next
+                # event drops: only loading knows that (`dag`), so load the room.
+                continue
             self._rooms[room_id] = RoomMemory(
-                version,
-                set(view.forward_extremities.get(room_id, ())),
-                previous.recent if previous is not None else {},
+                version, set(forward), previous.recent if previous is not None else {}
             )
         for event_id, stored in view.events.items():
             room = self._rooms.get(stored.room_id) if stored.room_id in rooms else None

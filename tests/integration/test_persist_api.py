@@ -283,3 +283,69 @@ async def test_an_outlier_later_sent_as_a_timeline_event_is_deoutliered(
         (False,)
     ]
     assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(event_id,)]
+
+
+async def send(api: Client, room: RoomBuilder, pdu: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """POST one event with envelope fields `kw` (`backfilled` goes on the body)."""
+    backfilled = kw.pop("backfilled", False)
+    data = body(room.room_version, envelope(pdu, **kw), backfilled=backfilled)
+    resp = await api.post(events_path(room.room_id), data=data, headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    answer: dict[str, Any] = await resp.json()
+    return answer
+
+
+async def test_a_rejected_outlier_sent_again_as_a_timeline_event_is_never_a_forward_extremity(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    create_id, create = room.event()
+    await send(api, room, create)
+    outlier_id, outlier = room.event(prevs=[create_id], advance=False)
+    await send(api, room, outlier, outlier=True, rejected_reason="auth_error")
+    answer = await send(api, room, outlier)
+    assert answer["results"][0]["duplicate"] is False
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+    assert rows(database_url, "SELECT event_id FROM rejections") == [(outlier_id,)]
+    assert rows(database_url, "SELECT outlier FROM events WHERE event_id = %s", outlier_id) == [
+        (False,)
+    ]
+
+
+async def test_an_outlier_sent_again_in_a_backfilled_request_leaves_the_forward_extremities(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    create_id, create = room.event()
+    await send(api, room, create)
+    _, outlier = room.event(prevs=[create_id], advance=False)
+    await send(api, room, outlier, outlier=True)
+    await send(api, room, outlier, backfilled=True)
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+
+
+async def test_a_forward_extremity_a_backfilled_event_lists_leaves_with_the_next_event(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    create_id, create = room.event()
+    await send(api, room, create)
+    backfilled_id, backfilled = room.event(prevs=[create_id], advance=False)
+    await send(api, room, backfilled, backfilled=True)
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+    next_id, following = room.event(prevs=[backfilled_id])
+    await send(api, room, following)
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(next_id,)]
+
+
+async def test_a_backward_extremity_arriving_as_a_rejected_event_stops_being_one(
+    api: Client, database_url: str
+) -> None:
+    room = RoomBuilder()
+    late_id, late = room.event()
+    child_id, child = room.event()
+    await send(api, room, child)
+    assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == [(late_id,)]
+    await send(api, room, late, rejected_reason="auth_error")
+    assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == []
+    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(child_id,)]

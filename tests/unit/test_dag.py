@@ -237,3 +237,46 @@ def test_an_event_sent_as_outlier_then_as_timeline_event_in_one_batch_is_stored_
     assert [(e.event_id, e.outlier) for e in plan.new_events] == [("$a", False)]
     assert plan.deoutliered == []
     assert forward_after(v) == {"$a"}
+
+
+def test_a_rejected_outlier_sent_again_as_a_timeline_event_stays_rejected() -> None:
+    v = view({"$p": stored(1)}, forward={"$p"})
+    v.events["$o"] = stored(9, outlier=True, rejected=True)
+    plan = link(v, event("$o", ("$p",)))
+    assert plan.deoutliered == ["$o"]
+    assert forward_after(v) == {"$p"}
+    assert not plan.forward_added and not plan.forward_removed
+    assert v.events["$o"].rejected and not v.events["$o"].outlier
+
+
+def test_an_outlier_sent_again_in_a_backfilled_request_changes_no_forward_extremity() -> None:
+    v = view({"$c": stored(1)}, forward={"$c"})
+    v.events["$o"] = stored(9, outlier=True)
+    plan = link(v, event("$o", ("$c",)), backfilled=True)
+    assert plan.deoutliered == ["$o"]
+    assert forward_after(v) == {"$c"}
+    assert not plan.forward_added and not plan.forward_removed
+
+
+def test_a_forward_extremity_a_backfilled_event_lists_leaves_with_the_next_event() -> None:
+    v = view({"$c": stored(1)}, forward={"$c"})
+    link(v, event("$bx", ("$c",)), backfilled=True)
+    assert forward_after(v) == {"$c"}  # backfill itself changes nothing
+    plan = link(v, event("$fz", ("$bx",)))
+    assert forward_after(v) == {"$fz"}
+    assert plan.forward_removed == {(ROOM, "$c")}
+
+
+def test_a_forward_extremity_a_stored_event_lists_leaves_with_the_next_event() -> None:
+    # As loaded: a backfilled event committed earlier lists $c.
+    v = view({"$c": stored(1), "$bx": stored(-1)}, forward={"$c"}, referenced={"$c"})
+    plan = link(v, event("$fz", ("$bx",)))
+    assert forward_after(v) == {"$fz"}
+    assert plan.forward_removed == {(ROOM, "$c")}
+
+
+def test_a_backward_extremity_arriving_as_a_rejected_event_stops_being_one() -> None:
+    v = view({"$x": stored(2)}, forward={"$x"}, backward={"$p"}, referenced={"$p"})
+    plan = link(v, event("$p", rejected="auth_error"))
+    assert plan.backward_removed == {(ROOM, "$p")}
+    assert forward_after(v) == {"$x"}

@@ -112,6 +112,16 @@ def test_outliers_rejections_and_backfill_are_loaded() -> None:
     assert memory.plan([request(event("$c", "$b"), backfilled=True)], EPOCH) is None
 
 
+def test_a_room_whose_forward_extremity_a_backfilled_event_lists_is_loaded() -> None:
+    # The next event drops that extremity, which only loading can tell.
+    memory = memory_of_room_with_head()
+    view = StoredView(
+        {"$b": StoredEvent(ROOM, False, False, 101, 1)}, {ROOM: "10"}, {ROOM: {"$b"}}, set(), set()
+    )
+    loaded_and_committed(memory, [request(event("$old", "$b"), backfilled=True)], view)
+    assert memory.plan([request(event("$c", "$b"))], EPOCH) is None
+
+
 def test_a_new_shard_map_epoch_forgets_every_room() -> None:
     memory = memory_of_room_with_head()
     assert memory.plan([request(event("$c", "$b"))], EPOCH + 1) is None
