@@ -66,7 +66,7 @@ def _setup_logging(config: Config) -> None:
 async def _migrate(args: argparse.Namespace, config: Config) -> int:
     from persister.storage.migrate import migrate
 
-    applied = await migrate(config.database.url)
+    applied = await migrate(config.database.conninfo())
     print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
     return 0
 

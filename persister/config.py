@@ -9,12 +9,14 @@ a typo in a config file should stop the process, not be ignored.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from persister.errors import PersisterError
 
@@ -23,12 +25,29 @@ class ConfigError(PersisterError):
     """The configuration cannot be used; the message says which key and why."""
 
 
+# Ranges msgspec checks while decoding, naming the key ("Expected `int` >= 1
+# - at `$.persist.max_body_bytes`"): a value outside them could only fail
+# later, and less clearly.
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 class DatabaseConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     url: str = "postgresql://127.0.0.1:5432/persister"
     # Connections each persister opens for writing; rooms are sub-sharded
     # among them so one slow transaction never stalls unrelated rooms.
-    writer_connections: int = 2
-    connect_timeout_s: float = 5.0
+    writer_connections: Positive = 2
+    connect_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+
+    def conninfo(self) -> str:
+        """`url` with the connect timeout, unless it sets its own: without
+        one, a server that accepts connections and never answers holds a
+        connect for libpq's two minutes. libpq takes whole seconds, at least 2."""
+        if "connect_timeout" in conninfo_to_dict(self.url):
+            return self.url
+        return make_conninfo(self.url, connect_timeout=max(2, round(self.connect_timeout_s)))
 
 
 class RedisConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -42,24 +61,24 @@ class StreamWriters(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class InstanceLocation(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: str = "127.0.0.1"
-    port: int = 18101
+    port: int = 18101  # 1-65535, checked by validate() naming the instance
 
 
 class PersistLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    max_batch_events: int = 1000
+    max_batch_events: Positive = 1000
     # How long an idle lane waits after the first request of a batch for
     # more work to join it. Zero means "send at once".
-    max_batch_delay_ms: float = 0.0
+    max_batch_delay_ms: Seconds = 0.0
     # A lane sends its write only once the writer's lower orderings have
     # finished, so lanes commit in the order they drew: stream lag p99
     # about halves, persist latency p99 grows by about as much again
     # (bench/README.md).
     commit_in_draw_order: bool = False
-    max_queued_events: int = 20_000
-    max_queued_bytes: int = 128 * 1024 * 1024
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_events_per_request: int = 1000
-    retry_after_s: float = 0.5
+    max_queued_events: Positive = 20_000
+    max_queued_bytes: Positive = 128 * 1024 * 1024
+    max_body_bytes: Positive = 8 * 1024 * 1024
+    max_events_per_request: Positive = 1000
+    retry_after_s: Seconds = 0.5
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -72,14 +91,21 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     instance_name: str | None = None
     sharding: Literal["sha256", "rendezvous"] = "sha256"
     persist: PersistLimits = msgspec.field(default_factory=PersistLimits)
-    shutdown_timeout_s: float = 30.0
-    log_level: str = "INFO"
+    shutdown_timeout_s: Seconds = 30.0
+    log_level: str = "INFO"  # any case
 
     def secret(self) -> str:
-        if self.replication_secret_path is not None:
-            return Path(self.replication_secret_path).read_text(encoding="utf-8").strip()
-        assert self.replication_secret is not None  # checked by validate()
-        return self.replication_secret
+        path = self.replication_secret_path
+        if path is None:
+            assert self.replication_secret is not None  # checked by validate()
+            return self.replication_secret
+        try:
+            secret = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"replication_secret_path: cannot read {path}: {exc}") from None
+        if not secret:
+            raise ConfigError(f"replication_secret_path: {path} holds no secret")
+        return secret
 
     def location(self, instance: str) -> InstanceLocation:
         try:
@@ -141,6 +167,16 @@ def load_config(paths: Sequence[str], environ: Mapping[str, str] | None = None) 
 
 
 def validate(config: Config) -> None:
+    _validate_pool(config)
+    _validate_secret(config.replication_secret, config.replication_secret_path)
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+    if urllib.parse.urlsplit(config.redis.url).scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"redis.url must start with one of {', '.join(REDIS_SCHEMES)}://")
+    _validate_limits(config.persist)
+
+
+def _validate_pool(config: Config) -> None:
     writers = config.stream_writers.events
     if not writers:
         raise ConfigError("stream_writers.events must name at least one persister")
@@ -151,14 +187,27 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 f"stream_writers.events names {writer!r}, which is not in instance_map"
             )
-    if config.replication_secret is None and config.replication_secret_path is None:
+    for name, location in config.instance_map.items():
+        if not 1 <= location.port <= 65535:
+            # The listener would wrap it round to another port (70000 -> 4464).
+            raise ConfigError(f"instance_map.{name}.port must be 1-65535, not {location.port}")
+
+
+def _validate_secret(secret: str | None, path: str | None) -> None:
+    if secret is None and path is None:
         raise ConfigError("replication_secret (or replication_secret_path) is required")
-    if config.replication_secret is not None and not config.replication_secret.strip():
+    if secret is not None and not secret.strip():
         raise ConfigError("replication_secret must not be empty")
-    if config.database.writer_connections < 1:
-        raise ConfigError("database.writer_connections must be at least 1")
-    limits = config.persist
-    if limits.max_batch_events < 1 or limits.max_queued_events < limits.max_events_per_request:
+    if secret is not None and secret != secret.strip():
+        # HTTP drops it from the Authorization header: no client could match.
+        raise ConfigError("replication_secret must not begin or end with whitespace")
+
+
+def _validate_limits(limits: PersistLimits) -> None:
+    if limits.max_queued_events < limits.max_events_per_request:
         raise ConfigError(
             "persist.max_queued_events must be at least persist.max_events_per_request"
         )
+    if limits.max_queued_bytes < limits.max_body_bytes:
+        # Else a request the body limit lets in could never be queued: 503 forever.
+        raise ConfigError("persist.max_queued_bytes must be at least persist.max_body_bytes")

@@ -84,7 +84,7 @@ async def apply_change(config: Config, change: Change) -> str:
         async def announce_prepared(after: ShardMap) -> None:
             await _publish_prepared(client, config.redis.channel, after)
 
-        async with await psycopg.AsyncConnection.connect(config.database.url) as conn:
+        async with await psycopg.AsyncConnection.connect(config.database.conninfo()) as conn:
             before, after = await install_in_force(
                 conn, *seed, change, before_commit=announce_prepared
             )
@@ -136,7 +136,7 @@ async def _publish_in_force(client: Redis, channel: str, shard_map: ShardMap) ->
 
 
 async def show(config: Config) -> str:
-    async with await psycopg.AsyncConnection.connect(config.database.url) as conn:
+    async with await psycopg.AsyncConnection.connect(config.database.conninfo()) as conn:
         current = await load_shard_map(conn)
         if current is None:
             return "no stored shard map yet: the first persister seeds epoch 1 from the config"

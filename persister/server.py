@@ -50,7 +50,7 @@ HTTP_SERVER_SETTINGS: Final[dict[str, Any]] = {
 def build_writer(config: Config, instance: str) -> Writer:
     limits = config.persist
     # Every connection of the writer, so a partition cannot hold its locks for hours.
-    database_url = with_partition_detection(config.database.url)
+    database_url = with_partition_detection(config.database.conninfo())
     settings = LaneSettings(
         instance=instance,
         database_url=database_url,
@@ -100,6 +100,7 @@ def tune_garbage_collector() -> None:
 
 
 async def serve(config: Config, instance: str) -> None:
+    secret = config.secret()  # a bad secret file stops us before we take anything over
     await check_redis(config.redis.url)
     writer = build_writer(config, instance)
     await writer.start()
@@ -107,7 +108,7 @@ async def serve(config: Config, instance: str) -> None:
     warn_unless_loopback(location.host)
     app = build_app(
         writer,
-        config.secret(),
+        secret,
         config.persist.max_body_bytes,
         config.persist.max_events_per_request,
     )

@@ -77,10 +77,8 @@ SELECT_SEQUENCE = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ev
 
 async def read_stored_positions(config: Config) -> StoredPositions:
     """Positions and the sequence as the database has them (read-only)."""
-    # libpq rejects connect timeouts under 2 seconds.
-    timeout = max(2, round(config.database.connect_timeout_s))
     async with await psycopg.AsyncConnection.connect(
-        config.database.url, connect_timeout=timeout, autocommit=True
+        config.database.conninfo(), autocommit=True
     ) as conn:
         rows = await (await conn.execute(SELECT_POSITIONS)).fetchall()
         sequence_row = await (await conn.execute(SELECT_SEQUENCE)).fetchone()

@@ -74,11 +74,6 @@ class BodyTimeout(PersisterError):
     errcode = "M_REQUEST_TIMEOUT"
 
 
-class UnsupportedMediaType(BadRequest):
-    status = 415
-    errcode = "M_NOT_JSON"
-
-
 def json_response(
     body: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -156,17 +151,6 @@ def _check_secret(request: web.Request) -> None:
         raise Unauthorized("wrong replication secret")
 
 
-def _check_content_type(request: web.Request) -> None:
-    given = request.headers.get("Content-Type")
-    if given is None:
-        raise UnsupportedMediaType("Content-Type: application/json is required")
-    charset = (request.charset or "utf-8").lower()
-    if request.content_type != "application/json" or charset not in ("utf-8", "utf8"):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json (charset utf-8), not {given[:100]!r}"
-        )
-
-
 async def _read_body(request: web.Request) -> bytes:
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
@@ -229,7 +213,6 @@ def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:
 
 async def persist_events(request: web.Request) -> web.Response:
     _check_secret(request)
-    _check_content_type(request)
     writer = request.app[WRITER]
     room_id = request.match_info["room_id"]
     await writer.check_owner(room_id)
@@ -259,7 +242,6 @@ async def persist_batch(request: web.Request) -> web.Response:
     rather than per request (`persister.batching`). Not in the contract; an
     addition to it."""
     _check_secret(request)
-    _check_content_type(request)
     if (request.content_length or 0) <= request.app[MAX_BODY]:  # else 413, from _read_body
         # As for one room's call: under a flood, refuse before reading.
         request.app[WRITER].admit_batch(request.content_length)

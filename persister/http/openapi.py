@@ -73,7 +73,6 @@ _PERSIST_ERRORS: Final = (
     ("401", "The Authorization header is missing or holds the wrong secret."),
     ("408", "The request body did not arrive in time (the connection is closed)."),
     ("413", "The request body is over the configured limit (persist.max_body_bytes)."),
-    ("415", "The Content-Type is not application/json (charset, if given, utf-8)."),
     ("421", "Another persister owns the room; `owner` names it. Nothing was persisted."),
     (
         "503",
@@ -166,7 +165,6 @@ def _batch_operation(refs: dict[str, str]) -> JsonObject:
             "401": _json(refs["ErrorBody"], "Missing or wrong secret."),
             "408": _json(refs["ErrorBody"], "The request body did not arrive in time."),
             "413": _json(refs["ErrorBody"], "The request body is over persist.max_body_bytes."),
-            "415": _json(refs["ErrorBody"], "The Content-Type is not application/json."),
         },
     }
 

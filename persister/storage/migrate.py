@@ -42,6 +42,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+from persister.errors import PersisterError
+
 logger = logging.getLogger(__name__)
 
 MAINTENANCE_DB = "postgres"
@@ -60,8 +62,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class MigrationError(Exception):
-    """The migrations folder is missing or inconsistent."""
+class MigrationError(PersisterError):
+    """The migrations cannot run: their folder is missing or inconsistent,
+    or the database URL names no database."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,8 @@ def load_migrations(folder: Path) -> list[Migration]:
 def database_name(database_url: str) -> str:
     name = conninfo_to_dict(database_url).get("dbname")
     if not name:
-        raise MigrationError(f"the database URL names no database: {database_url!r}")
+        # Not the URL itself: it may hold a password.
+        raise MigrationError("database.url names no database (postgresql://host:port/NAME)")
     return str(name)
 
 

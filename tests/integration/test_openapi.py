@@ -87,7 +87,7 @@ def test_every_reference_resolves_and_the_document_is_openapi_3_1() -> None:
 def test_the_persist_call_documents_every_answer_of_contract_section_3() -> None:
     operation = openapi_document()["paths"][PERSIST_PATH]["post"]
     answers = operation["responses"]
-    assert set(answers) == {"200", "400", "401", "408", "413", "415", "421", "503"}
+    assert set(answers) == {"200", "400", "401", "408", "413", "421", "503"}
     assert answers["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PersistResponse"
     }
