@@ -73,9 +73,13 @@ def test_the_model_follows_the_contract_for_a_fork_merged_and_a_missing_prev() -
     assert ("$d", "$b") in model.edges and len(model.edges) == 4
 
 
-def test_backfilled_events_never_change_forward_extremities() -> None:
+def test_an_extremity_a_backfilled_event_lists_may_have_left_with_a_later_event() -> None:
+    # Backfill changes nothing itself; the room's next forward event drops it.
     create, history = event("$create", 1), event("$old", -1, ("$create",))
-    assert dag_model([create, history]).forward == {(ROOM, "$create")}
+    model = dag_model([create, history])
+    assert model.forward == set() and model.forward_maybe == {(ROOM, "$create")}
+    assert check_dag(stored([create, history], forward={(ROOM, "$create")})) == []
+    assert check_dag(stored([create, history], forward=set())) == []
 
 
 def test_dag_tables_that_differ_from_the_model_are_reported() -> None:

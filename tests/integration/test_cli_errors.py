@@ -3,6 +3,7 @@ status 1 and one line on stderr, soon."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -29,12 +30,15 @@ def write_config(folder: Path, database_url: str, **extra: object) -> Path:
 
 
 def persister(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    # The suite's own database and Redis (`make test` sets them) would win over the file.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PERSISTER_")}
     return subprocess.run(
         [sys.executable, "-m", "persister", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         check=False,
+        env=environ,
     )
 
 
