@@ -285,6 +285,18 @@ async def test_an_outlier_later_sent_as_a_timeline_event_is_deoutliered(
     assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(event_id,)]
 
 
+async def started_room(api: Client) -> tuple[RoomBuilder, str]:
+    """A room whose first event is stored, and that event's ID."""
+    room = RoomBuilder()
+    first_id, first = room.event()
+    await send(api, room, first)
+    return room, first_id
+
+
+def forward_extremities(database_url: str) -> list[str]:
+    return [e for (e,) in rows(database_url, "SELECT event_id FROM event_forward_extremities")]
+
+
 async def send(api: Client, room: RoomBuilder, pdu: dict[str, Any], **kw: Any) -> dict[str, Any]:
     """POST one event with envelope fields `kw` (`backfilled` goes on the body)."""
     backfilled = kw.pop("backfilled", False)
@@ -298,14 +310,12 @@ async def send(api: Client, room: RoomBuilder, pdu: dict[str, Any], **kw: Any) -
 async def test_a_rejected_outlier_sent_again_as_a_timeline_event_is_never_a_forward_extremity(
     api: Client, database_url: str
 ) -> None:
-    room = RoomBuilder()
-    create_id, create = room.event()
-    await send(api, room, create)
+    room, create_id = await started_room(api)
     outlier_id, outlier = room.event(prevs=[create_id], advance=False)
     await send(api, room, outlier, outlier=True, rejected_reason="auth_error")
     answer = await send(api, room, outlier)
     assert answer["results"][0]["duplicate"] is False
-    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+    assert forward_extremities(database_url) == [create_id]
     assert rows(database_url, "SELECT event_id FROM rejections") == [(outlier_id,)]
     assert rows(database_url, "SELECT outlier FROM events WHERE event_id = %s", outlier_id) == [
         (False,)
@@ -315,27 +325,23 @@ async def test_a_rejected_outlier_sent_again_as_a_timeline_event_is_never_a_forw
 async def test_an_outlier_sent_again_in_a_backfilled_request_leaves_the_forward_extremities(
     api: Client, database_url: str
 ) -> None:
-    room = RoomBuilder()
-    create_id, create = room.event()
-    await send(api, room, create)
+    room, create_id = await started_room(api)
     _, outlier = room.event(prevs=[create_id], advance=False)
     await send(api, room, outlier, outlier=True)
     await send(api, room, outlier, backfilled=True)
-    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+    assert forward_extremities(database_url) == [create_id]
 
 
 async def test_a_forward_extremity_a_backfilled_event_lists_leaves_with_the_next_event(
     api: Client, database_url: str
 ) -> None:
-    room = RoomBuilder()
-    create_id, create = room.event()
-    await send(api, room, create)
+    room, create_id = await started_room(api)
     backfilled_id, backfilled = room.event(prevs=[create_id], advance=False)
     await send(api, room, backfilled, backfilled=True)
-    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(create_id,)]
+    assert forward_extremities(database_url) == [create_id]
     next_id, following = room.event(prevs=[backfilled_id])
     await send(api, room, following)
-    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(next_id,)]
+    assert forward_extremities(database_url) == [next_id]
 
 
 async def test_a_backward_extremity_arriving_as_a_rejected_event_stops_being_one(
@@ -348,4 +354,4 @@ async def test_a_backward_extremity_arriving_as_a_rejected_event_stops_being_one
     assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == [(late_id,)]
     await send(api, room, late, rejected_reason="auth_error")
     assert rows(database_url, "SELECT event_id FROM event_backward_extremities") == []
-    assert rows(database_url, "SELECT event_id FROM event_forward_extremities") == [(child_id,)]
+    assert forward_extremities(database_url) == [child_id]
