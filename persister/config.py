@@ -29,7 +29,7 @@ class ConfigError(PersisterError):
 # - at `$.persist.max_body_bytes`"): a value outside them could only fail
 # later, and less clearly.
 Positive = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -68,7 +68,7 @@ class PersistLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_batch_events: Positive = 1000
     # How long an idle lane waits after the first request of a batch for
     # more work to join it. Zero means "send at once".
-    max_batch_delay_ms: Seconds = 0.0
+    max_batch_delay_ms: NonNegative = 0.0
     # A lane sends its write only once the writer's lower orderings have
     # finished, so lanes commit in the order they drew: stream lag p99
     # about halves, persist latency p99 grows by about as much again
@@ -78,7 +78,7 @@ class PersistLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queued_bytes: Positive = 128 * 1024 * 1024
     max_body_bytes: Positive = 8 * 1024 * 1024
     max_events_per_request: Positive = 1000
-    retry_after_s: Seconds = 0.5
+    retry_after_s: NonNegative = 0.5
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -91,7 +91,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     instance_name: str | None = None
     sharding: Literal["sha256", "rendezvous"] = "sha256"
     persist: PersistLimits = msgspec.field(default_factory=PersistLimits)
-    shutdown_timeout_s: Seconds = 30.0
+    shutdown_timeout_s: NonNegative = 30.0
     log_level: str = "INFO"  # any case
 
     def secret(self) -> str:

@@ -211,8 +211,8 @@ def _link_into_room(
         view.referenced.update(event.prev_event_ids)
         return
     forward = view.forward_extremities.setdefault(room_id, set())
-    _remove_forward(plan, forward, room_id, event.prev_event_ids)
     view.referenced.update(event.prev_event_ids)
+    # Its prevs leave, and so does any extremity a stored event lists.
     _remove_forward(plan, forward, room_id, forward & view.referenced)
     if event.event_id not in view.referenced:
         forward.add(event.event_id)

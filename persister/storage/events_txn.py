@@ -37,10 +37,10 @@ Connection = AsyncConnection[Any]
 # says whether a stored event lists it as a prev (only a backfilled one can,
 # and the next event linked drops it, `persister.dag`): one probe of
 # `event_edges_prev` per extremity, nearly always finding nothing (as an
-# EXISTS, the planner hashed all of `event_edges` and `events` instead, and
-# PostgreSQL's CPU per event went from 50 to 260 µs). Orderings
-# come from the shared sequences, which are not transactional: a rollback
-# leaves a gap that the position tracker treats as finished.
+# EXISTS, the lanes' plan walked all of `events` per extremity, and
+# PostgreSQL's CPU per event went from 50 to 260 µs). Orderings come from
+# the shared sequences, which are not transactional: a rollback leaves a
+# gap that the position tracker treats as finished.
 LOAD_BATCH = """
 SELECT 0, e.*
 FROM unnest(%(known)b::text[]) AS k(id),
