@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import io
 import logging
 import math
 import random
@@ -88,6 +89,8 @@ _shard_map_decoder = msgspec.json.Decoder(ShardMap)
 
 # The least time worth starting an attempt with, before the deadline.
 MIN_ATTEMPT_S: Final = 0.02
+# Bodies over this go to aiohttp as a file-like object (see `_post`).
+LARGE_BODY_BYTES: Final = 1024 * 1024
 
 
 class ClientError(errors.PersisterError):
@@ -666,8 +669,11 @@ class PersisterClient:
 
     async def _post(self, url: yarl.URL, body: bytes, timeout_s: float) -> Answer:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # aiohttp raises a ResourceWarning for bytes over 1 MiB (an exception
+        # where warnings are errors) and takes a file-like object without one.
+        data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY_BYTES else io.BytesIO(body)
         async with self._session().post(
-            url, data=body, headers=self._headers, timeout=timeout
+            url, data=data, headers=self._headers, timeout=timeout
         ) as answer:
             return answer.status, answer.headers.get("Retry-After"), await answer.read()
 

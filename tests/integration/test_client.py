@@ -64,7 +64,7 @@ class FakePersister:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=8 * 1024 * 1024)  # as a persister's default
         app.router.add_post("/_persist/v1/rooms/{room_id}/events", self._handle)
         app.router.add_post(wire.BATCH_PATH, self._handle_batch)
         # A handler a test left sleeping must not hold the teardown for long.
@@ -228,6 +228,16 @@ async def test_request_goes_to_room_owner_with_bearer_secret_and_contract_body(f
     }
     assert [r.event_id for r in answer.results] == ["$e1", "$e2"]
     assert answer.position == wire.Position("w1", 2)
+
+
+async def test_a_request_over_a_mebibyte_is_sent_whole_and_warns_of_nothing(fakes):
+    # The suite turns warnings into errors: aiohttp's ResourceWarning for large bytes would fail it.
+    big = [{"pdu": {"type": "m.room.message", "body": "x" * 60_000}, "event_id": f"$e{n}"}
+           for n in range(20)]  # fmt: skip
+    async with make_client(fakes) as client:
+        answer = await client.persist(ROOM_OF_W0, "10", big)
+    assert len(answer.results) == 20
+    assert fakes[0].arrivals[0].body["events"] == big
 
 
 async def test_wire_envelopes_are_sent_like_dicts(fakes):
