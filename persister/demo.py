@@ -75,6 +75,10 @@ def _wait_healthy(config_path: Path, timeout_s: float = 30.0) -> None:
 
 def main() -> int:
     services = devservices.up()
+    # The demo's config names its own database; these (set by `make`) would
+    # win over it in the pool and the harness and send them to the shared one.
+    for name in ("PERSISTER_DATABASE_URL", "PERSISTER_REDIS_URL"):
+        os.environ.pop(name, None)
     folder = devservices.data_dir() / "demo"
     folder.mkdir(parents=True, exist_ok=True)
     asyncio.run(drop_database(services.database_url, DEMO_DB))
