@@ -89,8 +89,6 @@ _shard_map_decoder = msgspec.json.Decoder(ShardMap)
 
 # The least time worth starting an attempt with, before the deadline.
 MIN_ATTEMPT_S: Final = 0.02
-# Bodies over this go to aiohttp as a file-like object (see `_post`).
-LARGE_BODY_BYTES: Final = 1024 * 1024
 
 
 class ClientError(errors.PersisterError):
@@ -669,9 +667,10 @@ class PersisterClient:
 
     async def _post(self, url: yarl.URL, body: bytes, timeout_s: float) -> Answer:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        # aiohttp raises a ResourceWarning for bytes over 1 MiB (an exception
-        # where warnings are errors) and takes a file-like object without one.
-        data: bytes | io.BytesIO = body if len(body) <= LARGE_BODY_BYTES else io.BytesIO(body)
+        # aiohttp raises a ResourceWarning for bytes over its limit (1 MiB; an
+        # exception where warnings are errors) and takes a file-like object without one.
+        large = len(body) > aiohttp.payload.TOO_LARGE_BYTES_BODY
+        data: bytes | io.BytesIO = io.BytesIO(body) if large else body
         async with self._session().post(
             url, data=data, headers=self._headers, timeout=timeout
         ) as answer:
