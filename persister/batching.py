@@ -7,8 +7,17 @@ loop (as happens when one commit answers many callers at once and they send
 their next events) leave together as one request to the persister's batch
 endpoint (`wire.BatchRequest`); each still gets its own answer, with its own
 status, exactly as its room's endpoint would have given it. A request that
-finds no other ready to go leaves at once, alone, to its room's endpoint:
-batching never makes a request wait for company.
+finds no other ready to go leaves alone, to its room's endpoint.
+
+Requests also meet by waiting, but only when waiting costs them nothing: while
+a persister has not answered a *small* exchange (under `small_exchange_bytes`),
+later requests for it wait and leave together the moment it answers. That
+persister is busy with the earlier request, and would only have queued them;
+meanwhile, one exchange carrying many costs both sides far less than many
+carrying one, and on a small machine that CPU is what sets the latency under
+load. A request that finds nothing unanswered leaves at once, and waiting
+requests that add up to `small_exchange_bytes` leave without waiting more: a
+large exchange has paid for its HTTP, and holds no one back.
 
 If a persister refuses a batch as a whole (for example one that predates the
 endpoint answers 404), its requests are sent again, each alone: the batch
@@ -20,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote
 
@@ -43,6 +52,8 @@ Address = tuple[str, int]
 # Above this, a persister would refuse the batch (persist.max_events_per_request
 # caps the requests of a batch too); the rest wait for the next one.
 DEFAULT_MAX_REQUESTS: Final = 256
+DEFAULT_MAX_SMALL_EXCHANGES: Final = 1
+DEFAULT_SMALL_EXCHANGE_BYTES: Final = 32 * 1024
 
 
 class BatchRefused(Exception):
@@ -70,11 +81,24 @@ class _Request:
     room_id: str
     body: bytes
     timeout_s: float
+    issued: float  # loop time
     answer: asyncio.Future[Answer]
+
+    def remaining_s(self, now: float) -> float:
+        return self.timeout_s - (now - self.issued)
+
+
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    """The requests for one persister that have not left yet."""
+
+    requests: list[_Request] = field(default_factory=list)
+    size: int = 0
+    due: bool = False  # a flush is scheduled
 
 
 class Batcher:
-    """Per persister address, the requests issued in this turn of the loop."""
+    """Per persister address, the requests not sent yet, sent in batches."""
 
     def __init__(
         self,
@@ -83,13 +107,18 @@ class Batcher:
         *,
         max_requests: int = DEFAULT_MAX_REQUESTS,
         max_bytes: int = 1024 * 1024,
+        max_small_exchanges: int = DEFAULT_MAX_SMALL_EXCHANGES,
+        small_exchange_bytes: int = DEFAULT_SMALL_EXCHANGE_BYTES,
     ) -> None:
         self._post = post
         self._on_batch = on_batch
         self._max_requests = max_requests
         self._max_bytes = max_bytes
-        # Per address, the requests of this turn; present while a flush is due.
-        self._ready: dict[Address, list[_Request]] = {}
+        self._max_small_exchanges = max_small_exchanges
+        self._small_exchange_bytes = small_exchange_bytes
+        # Per address, the requests not sent yet, and the small exchanges unanswered.
+        self._waiting: dict[Address, _Waiting] = {}
+        self._small_in_flight: dict[Address, int] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
     async def exchange(
@@ -99,13 +128,18 @@ class Batcher:
         if others leave at the same moment; its answer, as its room's
         endpoint gives it."""
         loop = asyncio.get_running_loop()
-        request = _Request(room_id, body, timeout_s, loop.create_future())
-        ready = self._ready.get(address)
-        if ready is None:
-            ready = self._ready[address] = []
-            loop.call_soon(self._flush, address)
-        ready.append(request)
         started = loop.time()
+        request = _Request(room_id, body, timeout_s, started, loop.create_future())
+        waiting = self._waiting.get(address)
+        if waiting is None:
+            waiting = self._waiting[address] = _Waiting()
+        waiting.requests.append(request)
+        waiting.size += len(body)
+        if not waiting.due and (
+            not self._held_back(address) or waiting.size >= self._small_exchange_bytes
+        ):
+            waiting.due = True
+            loop.call_soon(self._flush, address)
         try:
             # No timer of our own: the HTTP request carrying it gives up
             # within `timeout_s` (see `_send`), and a timer per request cost
@@ -123,26 +157,60 @@ class Batcher:
                 request.answer.cancel()
 
     async def close(self) -> None:
+        for waiting in self._waiting.values():
+            for request in waiting.requests:
+                request.answer.cancel()
+        self._waiting.clear()
         for task in self._sending:
             task.cancel()
         await asyncio.gather(*self._sending, return_exceptions=True)
 
+    def _held_back(self, address: Address) -> bool:
+        return 0 < self._max_small_exchanges <= self._small_in_flight.get(address, 0)
+
     def _flush(self, address: Address) -> None:
-        ready = [r for r in self._ready.pop(address) if not r.answer.done()]
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting.pop(address, None)
+        if waiting is None:  # closed meanwhile
+            return
+        ready = []
+        for request in waiting.requests:
+            if request.answer.done():
+                continue
+            if request.remaining_s(now) <= 0:
+                request.answer.set_exception(TimeoutError())
+                continue
+            ready.append(request)
         while ready:
             batch = _take(ready, self._max_requests, self._max_bytes)
-            task = asyncio.get_running_loop().create_task(self._send(address, batch))
+            # Only small exchanges hold others back: a large one has already
+            # paid for its HTTP, and must not delay small ones.
+            task = loop.create_task(self._send(address, batch, now))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
+            if sum(len(r.body) for r in batch) < self._small_exchange_bytes:
+                self._small_in_flight[address] = self._small_in_flight.get(address, 0) + 1
+                task.add_done_callback(functools.partial(self._small_answered, address))
 
-    async def _send(self, address: Address, batch: list[_Request]) -> None:
+    def _small_answered(self, address: Address, _: asyncio.Task[None]) -> None:
+        self._small_in_flight[address] -= 1
+        waiting = self._waiting.get(address)
+        if waiting is not None and not waiting.due and not self._held_back(address):
+            # Not at once: the callers this exchange answered release their
+            # rooms' next calls (and may send again) in the turns to come,
+            # and those should leave with the requests that waited.
+            waiting.due = True
+            asyncio.get_running_loop().call_soon(self._flush, address)
+
+    async def _send(self, address: Address, batch: list[_Request], now: float) -> None:
         try:
             if len(batch) == 1:
                 request = batch[0]
                 url = persist_url(*address, request.room_id)
-                answers = [await self._post(url, request.body, request.timeout_s)]
+                answers = [await self._post(url, request.body, request.remaining_s(now))]
             else:
-                answers = await self._send_batch(address, batch)
+                answers = await self._send_batch(address, batch, now)
         except asyncio.CancelledError:
             for request in batch:
                 request.answer.cancel()
@@ -156,14 +224,16 @@ class Batcher:
             if not request.answer.done():
                 request.answer.set_result(answer)
 
-    async def _send_batch(self, address: Address, batch: list[_Request]) -> list[Answer]:
+    async def _send_batch(
+        self, address: Address, batch: list[_Request], now: float
+    ) -> list[Answer]:
         self._on_batch(len(batch), 0)
         body = wire.encoder.encode(
             wire.BatchRequest([wire.BatchItem(r.room_id, msgspec.Raw(r.body)) for r in batch])
         )
         # No longer than the least patient of them would wait: the others
         # retry with the rest of their time, as after any lost answer.
-        timeout_s = min(r.timeout_s for r in batch)
+        timeout_s = min(r.remaining_s(now) for r in batch)
         status, _, payload = await self._post(batch_url(*address), body, timeout_s)
         try:
             if status != 200:

@@ -67,7 +67,14 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from persister import errors, wire
-from persister.batching import Answer, Batcher, persist_url
+from persister.batching import (
+    DEFAULT_MAX_REQUESTS,
+    DEFAULT_MAX_SMALL_EXCHANGES,
+    DEFAULT_SMALL_EXCHANGE_BYTES,
+    Answer,
+    Batcher,
+    persist_url,
+)
 from persister.config import Config
 from persister.replication.publisher import redis_client
 from persister.replication.shardmap import SHARD_MAP_PATH, decode_announcement
@@ -171,7 +178,14 @@ class ClientOptions:
     # Requests for different rooms issued in the same turn of the event loop
     # go to their persister as one HTTP request of at most this many (and
     # coalesce_max_bytes), each answered as if alone (0 or 1: never).
-    batch_max_requests: int = 256
+    batch_max_requests: int = DEFAULT_MAX_REQUESTS
+    # Requests for a persister that already has this many unanswered HTTP
+    # requests of under small_exchange_bytes wait, and leave together when
+    # one is answered or once they add up to small_exchange_bytes: the busy
+    # persister would only have queued them, and one exchange carrying many
+    # costs both sides far less than many carrying one (0: never wait).
+    max_small_exchanges: int = DEFAULT_MAX_SMALL_EXCHANGES
+    small_exchange_bytes: int = DEFAULT_SMALL_EXCHANGE_BYTES
     # The whole call, retries included, counted from when the room's earlier
     # requests are done (waiting for them is not this request's fault);
     # then PersistUnavailable.
@@ -433,6 +447,8 @@ class PersisterClient:
             self._count_batch,
             max_requests=self._options.batch_max_requests,
             max_bytes=self._options.coalesce_max_bytes,
+            max_small_exchanges=self._options.max_small_exchanges,
+            small_exchange_bytes=self._options.small_exchange_bytes,
         )
         self._closed = False
         self._map_read: asyncio.Task[ShardMap] | None = None

@@ -261,7 +261,12 @@ async def _load(
     )
     if not args.coalesce:
         options = dataclasses.replace(options, coalesce_max_events=0)
-    options = dataclasses.replace(options, batch_max_requests=args.batch_max_requests)
+    options = dataclasses.replace(
+        options,
+        batch_max_requests=args.batch_max_requests,
+        max_small_exchanges=args.max_small_exchanges,
+        small_exchange_bytes=args.small_exchange_bytes,
+    )
     phases: list[report.PhaseResult] = []
     acknowledged: set[str] = set()
     async with (

@@ -132,6 +132,19 @@ def _load_arguments(group: argparse._ArgumentGroup) -> None:
         help="the client sends requests of different rooms that leave at the same moment "
         "to their persister in HTTP requests of at most this many; 0: each alone",
     )
+    group.add_argument(
+        "--max-small-exchanges",
+        type=int,
+        default=ClientOptions().max_small_exchanges,
+        help="the client holds requests for a persister while this many HTTP requests of "
+        "under --small-exchange-bytes to it are unanswered, and sends them together; 0: never",
+    )
+    group.add_argument(
+        "--small-exchange-bytes",
+        type=int,
+        default=ClientOptions().small_exchange_bytes,
+        help="see --max-small-exchanges",
+    )
     group.add_argument("--open-fraction", type=float, default=0.5)
     group.add_argument(
         "--duration", type=float, default=20.0, help="seconds per phase, warm-up included"

@@ -575,6 +575,36 @@ async def test_a_batch_whose_answer_never_comes_is_retried_by_each_of_its_reques
     assert client.stats.connection_errors == 3
 
 
+async def test_requests_sent_while_a_small_one_is_unanswered_follow_it_as_one_batch(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes, writers=("w0",)) as client:
+        first = asyncio.ensure_future(client.persist(ROOMS[0], "10", [event(0)]))
+        later = []
+        for n, room in enumerate(ROOMS[1:4], start=1):
+            await asyncio.sleep(0.02)  # each call in a turn of its own
+            later.append(asyncio.ensure_future(client.persist(room, "10", [event(n)])))
+        await asyncio.sleep(0.02)
+        assert fakes[0].rooms_seen() == [ROOMS[0]]
+        release.set()
+        answers = await asyncio.gather(first, *later)
+    assert fakes[0].batches == [ROOMS[1:4]]
+    assert [a.results[0].event_id for a in answers] == ["$e0", "$e1", "$e2", "$e3"]
+
+
+async def test_with_holding_back_off_each_request_leaves_as_it_is_sent(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    options = replace(FAST, max_small_exchanges=0)
+    async with make_client(fakes, options, writers=("w0",)) as client:
+        first = asyncio.ensure_future(client.persist(ROOMS[0], "10", [event(0)]))
+        await asyncio.sleep(0.02)
+        await client.persist(ROOMS[1], "10", [event(1)])  # answered while the first is held
+        release.set()
+        await first
+    assert fakes[0].batches == []
+
+
 # -- calls waiting behind a room's request leave together ---------------------------
 
 
