@@ -82,6 +82,7 @@ class _Request:
     body: bytes
     timeout_s: float
     issued: float  # loop time
+    grow: Callable[[], bytes] | None
     answer: asyncio.Future[Answer]
 
     def remaining_s(self, now: float) -> float:
@@ -122,14 +123,21 @@ class Batcher:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def exchange(
-        self, address: Address, room_id: str, body: bytes, timeout_s: float
+        self,
+        address: Address,
+        room_id: str,
+        body: bytes,
+        timeout_s: float,
+        grow: Callable[[], bytes] | None = None,
     ) -> Answer:
         """POST `body` for `room_id` to the persister at `address`, in a batch
         if others leave at the same moment; its answer, as its room's
-        endpoint gives it."""
+        endpoint gives it. `grow`, if given, is asked for the body again
+        when the request leaves: it may have taken in more of its room's
+        events while it waited."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        request = _Request(room_id, body, timeout_s, started, loop.create_future())
+        request = _Request(room_id, body, timeout_s, started, grow, loop.create_future())
         waiting = self._waiting.get(address)
         if waiting is None:
             waiting = self._waiting[address] = _Waiting()
@@ -149,7 +157,7 @@ class Batcher:
             remaining = timeout_s - (loop.time() - started)
             if remaining <= 0:
                 raise TimeoutError from None
-            return await self._post(persist_url(*address, room_id), body, remaining)
+            return await self._post(persist_url(*address, room_id), request.body, remaining)
         finally:
             if not request.answer.done():
                 # Cancelled: if it has not left yet it never will, and if it
@@ -181,6 +189,8 @@ class Batcher:
             if request.remaining_s(now) <= 0:
                 request.answer.set_exception(TimeoutError())
                 continue
+            if request.grow is not None:
+                request.body = request.grow()
             ready.append(request)
         while ready:
             batch = _take(ready, self._max_requests, self._max_bytes)

@@ -305,12 +305,14 @@ class _RoomQueue:
 
     @asynccontextmanager
     async def turn(self, room_id: str, call: _Waiting) -> AsyncIterator[list[_Waiting]]:
-        """Wait for the room's earlier calls; yields the room's line, from `call` on."""
+        """Wait for the room's earlier calls; yields the room's line (the
+        list itself, which later calls join), `call` first."""
         slot = self._slots.setdefault(room_id, _RoomSlot())
         slot.line.append(call)
         try:
             async with slot.lock:
-                yield slot.line[slot.line.index(call) :]
+                assert slot.line[0] is call, "a room's calls take their turns in order"
+                yield slot.line
         finally:
             slot.line.remove(call)
             # Whoever carries it now answers nobody (no "never retrieved").
@@ -341,6 +343,43 @@ def _group(line: list[_Waiting], options: ClientOptions) -> list[_Waiting]:
             break
         group.append(call)
     return group
+
+
+@dataclass(slots=True, eq=False)
+class _Outgoing:
+    """The calls one request carries: the first of its room's line and,
+    coalesced, those behind it (`_group`).
+
+    Calls that join the line while the request waits to leave (behind an
+    unanswered one, `persister.batching`, or a backoff) join it too, through
+    `grow`, rather than wait for its answer and a request of their own. The
+    request only ever grows by calls appended to it, so whatever an earlier
+    attempt may have stored is a prefix of what the next one sends.
+    """
+
+    line: list[_Waiting]  # the room's line, live
+    calls: list[_Waiting]
+    body: bytes
+    options: ClientOptions
+
+    @classmethod
+    def of(cls, line: list[_Waiting], options: ClientOptions) -> _Outgoing:
+        outgoing = cls(line, [line[0]], line[0].body, options)
+        outgoing.grow()
+        return outgoing
+
+    def grow(self) -> bytes:
+        calls = _group(self.line, self.options)
+        known = len(self.calls)
+        if len(calls) > known and calls[:known] == self.calls:
+            first = calls[0]
+            events = [event for call in calls for event in call.events]
+            self.calls = calls
+            self.body = encode_request(first.room_version, events, first.backfilled)
+        return self.body
+
+    def events(self) -> int:
+        return sum(len(call.events) for call in self.calls)
 
 
 def _split(response: wire.PersistResponse, group: list[_Waiting]) -> list[wire.PersistResponse]:
@@ -548,12 +587,9 @@ class PersisterClient:
             if call.answer.done():
                 self.stats.coalesced += 1
                 return call.answer.result()
-            group = _group(line, self._options)
-            if len(group) == 1:
-                return await self._send(room_id, body)
-            return await self._send_coalesced(room_id, group)
+            return await self._send_coalesced(room_id, _Outgoing.of(line, self._options))
 
-    async def _send_coalesced(self, room_id: str, group: list[_Waiting]) -> wire.PersistResponse:
+    async def _send_coalesced(self, room_id: str, outgoing: _Outgoing) -> wire.PersistResponse:
         """Send the events of several waiting calls as one request (the first
         call's), and answer the others: they then find their answer when
         their turn comes, without a request of their own.
@@ -565,25 +601,26 @@ class PersisterClient:
         failure that concerns the room, not its events (the deadline, an
         unknown owner), is every call's.
         """
-        first = group[0]
-        events = [event for call in group for event in call.events]
-        body = encode_request(first.room_version, events, first.backfilled)
         try:
-            response = await self._send(room_id, body)
+            response = await self._send(room_id, outgoing)
         except (PersistRejected, ServerError):
+            if len(outgoing.calls) == 1:
+                raise
             self.stats.coalesced_refused += 1
-            for call in group:
+            for call in outgoing.calls:
                 call.alone = True
-            return await self._send(room_id, first.body)
+            first = outgoing.calls[0]
+            return await self._send(room_id, _Outgoing([first], [first], first.body, self._options))
         except ClientError as exc:
-            for call in group[1:]:
+            for call in outgoing.calls[1:]:
                 if not call.answer.done():
                     call.answer.set_exception(_copy_of(exc))
             raise
-        if len(response.results) != len(events):
+        group = outgoing.calls
+        if len(response.results) != outgoing.events():
             raise ServerError(
                 room_id, 200, "M_BAD_ANSWER",
-                f"{len(response.results)} results for {len(events)} events",
+                f"{len(response.results)} results for {outgoing.events()} events",
             )  # fmt: skip
         answers = _split(response, group)
         for call, answer in zip(group[1:], answers[1:], strict=True):
@@ -591,7 +628,7 @@ class PersisterClient:
                 call.answer.set_result(answer)
         return answers[0]
 
-    async def _send(self, room_id: str, body: bytes) -> wire.PersistResponse:
+    async def _send(self, room_id: str, outgoing: _Outgoing) -> wire.PersistResponse:
         loop = asyncio.get_running_loop()
         call = _Call(
             room_id,
@@ -604,7 +641,7 @@ class PersisterClient:
             owner = self.owner_of(room_id)
             call.visited.add(owner)
             call.attempts += 1
-            outcome = await self._attempt(owner, room_id, body, call.deadline - loop.time())
+            outcome = await self._attempt(owner, room_id, outgoing, call.deadline - loop.time())
             if isinstance(outcome, wire.PersistResponse):
                 return outcome
             call.last_failure = outcome.failure
@@ -657,15 +694,21 @@ class PersisterClient:
         finally:
             sleeper.cancel()
 
-    async def _attempt(self, owner: str, room_id: str, body: bytes, budget_s: float) -> _Outcome:
+    async def _attempt(
+        self, owner: str, room_id: str, outgoing: _Outgoing, budget_s: float
+    ) -> _Outcome:
         host, port = self._instances[owner]
         timeout_s = min(self._options.request_timeout_s, budget_s)
         self.stats.attempts += 1
         try:
             if self._options.batch_max_requests > 1:
-                answer = await self._batcher.exchange((host, port), room_id, body, timeout_s)
+                # It grows when it leaves, not now: it may wait to leave.
+                answer = await self._batcher.exchange(
+                    (host, port), room_id, outgoing.body, timeout_s, outgoing.grow
+                )
             else:
-                answer = await self._post(persist_url(host, port, room_id), body, timeout_s)
+                url = persist_url(host, port, room_id)
+                answer = await self._post(url, outgoing.grow(), timeout_s)
         except TimeoutError:
             self.stats.timeouts += 1
             return _Retry(_Failure(0, "M_TIMEOUT", f"{owner} did not answer in {timeout_s}s"))

@@ -441,15 +441,23 @@ def sent_event_ids(fake: FakePersister) -> list[str]:
     return [e["event_id"] for a in fake.arrivals for e in a.body["events"]]
 
 
+async def one_after_the_other(first: Awaitable[Any], second: Awaitable[Any]) -> list[Any]:
+    """Both calls' outcomes; the second is made once the first's request has
+    left (made together, the first's request would carry both)."""
+    started = asyncio.ensure_future(first)
+    await asyncio.sleep(0.01)
+    return await asyncio.gather(started, second, return_exceptions=True)
+
+
 async def test_a_retried_request_is_not_overtaken_by_a_later_one_of_the_same_room(fakes):
     fakes[0].behave = first_then(unavailable("0.1"))
     async with make_client(fakes) as client:
-        await asyncio.gather(
+        await one_after_the_other(
             client.persist(ROOM_OF_W0, "10", [event(1)]),
             client.persist(ROOM_OF_W0, "10", [event(2)]),
         )
-    sent = [a.body["events"][0]["event_id"] for a in fakes[0].arrivals]
-    assert sent == ["$e1", "$e1", "$e2"]
+    # The retry may carry the later call's events too, after its own.
+    assert sent_event_ids(fakes[0]) == ["$e1", "$e1", "$e2"]
 
 
 async def test_a_redirected_request_is_not_overtaken_by_a_later_one_of_the_same_room(fakes):
@@ -457,12 +465,11 @@ async def test_a_redirected_request_is_not_overtaken_by_a_later_one_of_the_same_
     w0.behave = first_then(misdirect_to("w2"))
     w2.behave = slow(0.05)
     async with make_client(fakes) as client:
-        await asyncio.gather(
+        await one_after_the_other(
             client.persist(ROOM_OF_W0, "10", [event(1)]),
             client.persist(ROOM_OF_W0, "10", [event(2)]),
         )
-    sent = [a.body["events"][0]["event_id"] for a in w2.arrivals]
-    assert sent == ["$e1", "$e2"]
+    assert sent_event_ids(w2) == ["$e1", "$e2"]
 
 
 async def test_different_rooms_are_persisted_concurrently(fakes):
@@ -486,10 +493,9 @@ async def test_different_rooms_are_persisted_concurrently(fakes):
 async def test_a_failed_request_does_not_block_the_rooms_later_requests(fakes):
     fakes[0].behave = first_then(answer_error(400, "M_BAD_JSON", "events[0].pdu: bad"))
     async with make_client(fakes) as client:
-        first, second = await asyncio.gather(
+        first, second = await one_after_the_other(
             client.persist(ROOM_OF_W0, "10", [event(1)]),
             client.persist(ROOM_OF_W0, "10", [event(2)]),
-            return_exceptions=True,
         )
     assert isinstance(first, InvalidRequest)
     assert isinstance(second, wire.PersistResponse)
@@ -592,6 +598,24 @@ async def test_requests_sent_while_a_small_one_is_unanswered_follow_it_as_one_ba
     assert [a.results[0].event_id for a in answers] == ["$e0", "$e1", "$e2", "$e3"]
 
 
+async def test_calls_made_while_their_rooms_request_waits_to_leave_travel_in_it(fakes):
+    release = asyncio.Event()
+    fakes[0].behave = held_until(release)
+    async with make_client(fakes, writers=("w0",)) as client:
+        other_room = asyncio.ensure_future(client.persist(ROOMS[0], "10", [event(0)]))
+        await asyncio.sleep(0.02)
+        first = asyncio.ensure_future(client.persist(ROOMS[1], "10", [event(1)]))
+        await asyncio.sleep(0.02)  # its request waits behind the unanswered one
+        second = asyncio.ensure_future(client.persist(ROOMS[1], "10", [event(2)]))
+        await asyncio.sleep(0.02)
+        release.set()
+        answers = await asyncio.gather(other_room, first, second)
+    assert [a.room_id for a in fakes[0].arrivals] == [ROOMS[0], ROOMS[1]]
+    assert sent_event_ids(fakes[0]) == ["$e0", "$e1", "$e2"]
+    assert [[r.event_id for r in a.results] for a in answers] == [["$e0"], ["$e1"], ["$e2"]]
+    assert client.stats.coalesced == 1
+
+
 async def test_with_holding_back_off_each_request_leaves_as_it_is_sent(fakes):
     release = asyncio.Event()
     fakes[0].behave = held_until(release)
@@ -624,8 +648,12 @@ def held_until(release: asyncio.Event) -> Behaviour:
 async def calls_queued_behind_a_held_request(
     client: PersisterClient, release: asyncio.Event, calls: Sequence[Awaitable[Any]]
 ) -> list[Any]:
-    """Start `calls` in order; the first request is held until all are waiting."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
+    """Start `calls` in order, the first once alone (so that it leaves alone:
+    a request takes in the calls made before it leaves); its request is
+    held until all are waiting."""
+    tasks = [asyncio.ensure_future(calls[0])]
+    await asyncio.sleep(0.02)
+    tasks += [asyncio.ensure_future(call) for call in calls[1:]]
     await asyncio.sleep(0.05)
     release.set()
     return await asyncio.gather(*tasks, return_exceptions=True)
