@@ -194,11 +194,11 @@ class Batcher:
             ready.append(request)
         while ready:
             batch = _take(ready, self._max_requests, self._max_bytes)
-            # Only small exchanges hold others back: a large one has already
-            # paid for its HTTP, and must not delay small ones.
             task = loop.create_task(self._send(address, batch, now))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
+            # Only small exchanges hold others back: a large one has already
+            # paid for its HTTP, and must not delay small ones.
             if sum(len(r.body) for r in batch) < self._small_exchange_bytes:
                 self._small_in_flight[address] = self._small_in_flight.get(address, 0) + 1
                 task.add_done_callback(functools.partial(self._small_answered, address))

@@ -590,9 +590,9 @@ class PersisterClient:
             return await self._send_coalesced(room_id, _Outgoing.of(line, self._options))
 
     async def _send_coalesced(self, room_id: str, outgoing: _Outgoing) -> wire.PersistResponse:
-        """Send the events of several waiting calls as one request (the first
-        call's), and answer the others: they then find their answer when
-        their turn comes, without a request of their own.
+        """Send the events of the calls `outgoing` carries as one request (the
+        first call's), and answer the others: they then find their answer
+        when their turn comes, without a request of their own.
 
         The request is atomic, so they all commit or none does, as if sent
         one after the other with no failure. If it is refused, nothing was
