@@ -136,8 +136,7 @@ class Batcher:
         when the request leaves: it may have taken in more of its room's
         events while it waited."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        request = _Request(room_id, body, timeout_s, started, grow, loop.create_future())
+        request = _Request(room_id, body, timeout_s, loop.time(), grow, loop.create_future())
         waiting = self._waiting.get(address)
         if waiting is None:
             waiting = self._waiting[address] = _Waiting()
@@ -154,7 +153,7 @@ class Batcher:
             # a twentieth of a single-event client's CPU.
             return await request.answer
         except BatchRefused:
-            remaining = timeout_s - (loop.time() - started)
+            remaining = request.remaining_s(loop.time())
             if remaining <= 0:
                 raise TimeoutError from None
             return await self._post(persist_url(*address, room_id), request.body, remaining)
