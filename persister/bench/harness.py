@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from persister.bench import checks, cpu, driver, options, report, stats
+from persister.bench import checks, cpu, driver, options, report, stats, wal
 from persister.bench.ceiling import CeilingReport, CeilingRow, run_ceiling
 from persister.bench.databases import (
     DEFAULT_SERVER_URL,
@@ -353,23 +353,38 @@ class _PhaseRun:
         self.stop = driver.StopRule(now + args.duration, args.max_events, self.recorder)
         self.meter = cpu.CpuMeter(target.pids, target.database)
         self.meter_started = False
+        self.wal_before: wal.WalCounters | None = None
 
     async def execute(self, source: driver.RequestSource, offset: float) -> report.PhaseResult:
         self.progress.message(
             f"phase {self.plan.name}: {self.args.duration:g}s ({self.args.warmup:g}s warm-up)"
         )
         client_before = self.client.stats.snapshot()
-        watcher = asyncio.create_task(self._watch())
-        try:
-            await self._drive(source)
-            await self.tracker.flush(LAG_FLUSH_S)
-        finally:
-            watcher.cancel()
-            self.progress.done()
-        if not self.meter_started:
-            self.meter.start(time.perf_counter())
-        cpu_report = self.meter.stop(max(time.perf_counter(), self.recorder.last_done))
-        return self._result(offset, cpu_report, _client_delta(client_before, self.client))
+        async with await psycopg.AsyncConnection.connect(
+            self.target.config.database.conninfo(), autocommit=True
+        ) as server:
+            watcher = asyncio.create_task(self._watch(server))
+            try:
+                await self._drive(source)
+                await self.tracker.flush(LAG_FLUSH_S)
+            finally:
+                watcher.cancel()
+                self.progress.done()
+            if not self.meter_started:
+                await self._start_meters(server)
+            cpu_report = self.meter.stop(max(time.perf_counter(), self.recorder.last_done))
+            wal_after = await wal.read_counters(server)
+        wal_report = None
+        if self.wal_before is not None and wal_after is not None:
+            wal_report = wal.report(self.wal_before, wal_after, self.recorder.new_events)
+        result = self._result(offset, cpu_report, _client_delta(client_before, self.client))
+        result.wal = wal_report
+        return result
+
+    async def _start_meters(self, server: psycopg.AsyncConnection[Any]) -> None:
+        self.meter.start(time.perf_counter())
+        self.meter_started = True
+        self.wal_before = await wal.read_counters(server)
 
     async def _drive(self, source: driver.RequestSource) -> None:
         def on_answer(done: float, response: Any) -> None:
@@ -393,13 +408,12 @@ class _PhaseRun:
                 drain_s=CALL_DEADLINE_S,
             )
 
-    async def _watch(self) -> None:
+    async def _watch(self, server: psycopg.AsyncConnection[Any]) -> None:
         """Progress line and CPU samples, twice a second."""
         while True:
             now = time.perf_counter()
             if not self.meter_started and now >= self.recorder.measured_from:
-                self.meter.start(now)
-                self.meter_started = True
+                await self._start_meters(server)
             elif self.meter_started:
                 await asyncio.to_thread(self.meter.sample)
             self.progress.update(self.plan.name, self.recorder, self.stop.acknowledged, now)

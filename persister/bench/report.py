@@ -11,7 +11,12 @@ import msgspec
 from persister.bench.ceiling import CeilingReport
 from persister.bench.cpu import CpuReport
 from persister.bench.stats import Percentiles, TimelinePoint
+from persister.bench.wal import WalReport
 from persister.bench.workload import WorkloadSummary
+
+# The size of a full-page image before compression, for the share of the WAL
+# such images take (pg_stat_wal counts them, not their bytes).
+WAL_PAGE_BYTES = 8192
 
 
 class PhaseResult(msgspec.Struct):
@@ -38,6 +43,8 @@ class PhaseResult(msgspec.Struct):
     client: dict[str, int]
     cpu: CpuReport
     timeline: list[TimelinePoint]
+    # None when the server keeps no WAL statistics (before PostgreSQL 14).
+    wal: WalReport | None = None
 
 
 class BatchSizes(msgspec.Struct):
@@ -93,6 +100,8 @@ def table(result: RunResult) -> str:
         lines.append(_phase_row(phase))
         for instance, rate in sorted(phase.events_per_s_by_instance.items()):
             lines.append(f"  {instance:<10}{rate:>10.0f}")
+        if phase.wal is not None:
+            lines.append(f"  {wal_line(phase.wal)}")
     if result.ceiling is not None:
         lines += ["", "bare ceiling (same rows, same tables, commit per batch):"]
         for c in result.ceiling.results:
@@ -128,6 +137,16 @@ def _phase_row(p: PhaseResult) -> str:
         f"{_ms(lat.p99):>8}{_ms(lat.p999):>8}{_ms(lat.max):>8}{_ms(lag.p50):>9}"
         f"{_ms(lag.p99):>9}{sum(p.errors.values()):>8}"
         f"{sum(p.cpu.persisters_s.values()):>9.1f}{pg:>8.1f}"
+    )
+
+
+def wal_line(w: WalReport) -> str:
+    """The server's WAL over the window: what a tail there may come from."""
+    per_event = "-" if w.bytes_per_event is None else f"{w.bytes_per_event / 1024:.1f} KiB/event"
+    images = f"{w.full_page_images * WAL_PAGE_BYTES / w.bytes:.0%}" if w.bytes else "-"
+    return (
+        f"server WAL {w.bytes / 2**20:.0f} MiB ({per_event}, full-page images ~{images}), "
+        f"{w.checkpoints} checkpoint(s) begun, WAL buffers full {w.buffers_full} times"
     )
 
 

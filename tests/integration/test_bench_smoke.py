@@ -99,6 +99,20 @@ def test_bench_run_measures_the_ceiling_and_the_ratio(result: Any) -> None:
     assert result["phases"][0]["ratio_to_ceiling"] > 0
 
 
+def test_bench_run_reports_the_wal_the_server_wrote_in_the_phase(
+    result: Any, services: Services
+) -> None:
+    with psycopg.connect(with_database(services.database_url, result["pool"]["database"])) as conn:
+        if conn.info.server_version < 140000:
+            pytest.skip("PostgreSQL before 14 keeps no WAL statistics")
+    phase = result["phases"][0]
+    wal = phase["wal"]
+    # Every acknowledged event was committed, so written to the WAL.
+    assert wal["records"] > phase["new_events"] > 0
+    assert wal["bytes_per_event"] == wal["bytes"] / phase["new_events"]
+    assert wal["checkpoints"] >= 0 and wal["buffers_full"] >= 0
+
+
 def test_workload_is_reproducible_from_its_seed() -> None:
     spec = WorkloadSpec(
         rooms=20,
