@@ -65,7 +65,13 @@ class InstanceLocation(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class PersistLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    max_batch_events: Positive = 1000
+    # Two lanes draw from one stream, so a lane's events reach readers only
+    # once the other lane's lower orderings commit: a smaller transaction
+    # holds them back for less. With 1000, stream lag p99 was 24-60 ms in a
+    # closed loop of 50-event requests; with 400, 6-8 ms at the same
+    # throughput (bench/README.md, twelfth session). A request of more
+    # events still goes, alone, in one transaction.
+    max_batch_events: Positive = 400
     # How long an idle lane waits after the first request of a batch for
     # more work to join it. Zero means "send at once".
     max_batch_delay_ms: NonNegative = 0.0

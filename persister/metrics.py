@@ -36,7 +36,8 @@ MESSAGE_TYPES: Final = frozenset({"m.room.message", "m.room.encrypted", "m.stick
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
-# Batches are capped by persist.max_batch_events (1000 by default).
+# Batches are capped by persist.max_batch_events (400 by default), or hold
+# one request of up to persist.max_events_per_request (1000).
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
