@@ -1,11 +1,12 @@
 """What the server wrote to its WAL over a phase, and the checkpoints it began.
 
-A phase's tail latency often comes from the server, not the pool: a closed
-loop writes enough WAL to set off a checkpoint, which then runs through the
-phase after it, and every page first touched after a checkpoint begins goes
-to the WAL whole (a full-page image), so each transaction writes more. The
-report says so next to the phase's figures rather than leaving it to be
-guessed (bench/README.md, twelfth session).
+The WAL is what the server's disk and its replicas must keep up with, and
+it varies with the server's state as well as with the pool: a closed loop
+writes enough of it to set off a checkpoint that then runs into the next
+phase, and every page first touched after a checkpoint begins goes to the
+WAL whole (a full-page image). The report puts these next to the phase's
+figures, so that two runs can be compared knowing whether they differ
+there (bench/README.md, twelfth session).
 
 The counters are the whole server's (`pg_stat_wal` and the checkpointer's
 statistics), like `postgres_background_s` of the CPU report: on a shared
