@@ -71,7 +71,11 @@ async def read_counters(conn: psycopg.AsyncConnection[Any]) -> WalCounters | Non
     )
 
 
-def report(before: WalCounters, after: WalCounters, events: int) -> WalReport:
+def report(before: WalCounters, after: WalCounters, events: int) -> WalReport | None:
+    """The window's figures; None if the server's statistics were reset in it
+    (`pg_stat_reset_shared`), when the differences mean nothing."""
+    if after.records < before.records or after.checkpoints < before.checkpoints:
+        return None
     written = after.bytes - before.bytes
     return WalReport(
         bytes=written,
