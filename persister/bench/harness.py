@@ -377,9 +377,8 @@ class _PhaseRun:
         wal_report = None
         if self.wal_before is not None and wal_after is not None:
             wal_report = wal.report(self.wal_before, wal_after, self.recorder.new_events)
-        result = self._result(offset, cpu_report, _client_delta(client_before, self.client))
-        result.wal = wal_report
-        return result
+        client = _client_delta(client_before, self.client)
+        return self._result(offset, cpu_report, wal_report, client)
 
     async def _start_meters(self, server: psycopg.AsyncConnection[Any]) -> None:
         self.meter.start(time.perf_counter())
@@ -420,7 +419,11 @@ class _PhaseRun:
             await asyncio.sleep(0.5)
 
     def _result(
-        self, offset: float, cpu_report: cpu.CpuReport, client: dict[str, int]
+        self,
+        offset: float,
+        cpu_report: cpu.CpuReport,
+        wal_report: wal.WalReport | None,
+        client: dict[str, int],
     ) -> report.PhaseResult:
         r = self.recorder
         seconds = r.measured_seconds()
@@ -450,6 +453,7 @@ class _PhaseRun:
             client=client,
             cpu=cpu_report,
             timeline=r.timeline(offset),
+            wal=wal_report,
         )
 
 

@@ -141,7 +141,7 @@ def _phase_row(p: PhaseResult) -> str:
 
 
 def wal_line(w: WalReport) -> str:
-    """The server's WAL over the window: what a tail there may come from."""
+    """The server's WAL over a phase's measured window, as the table shows it."""
     per_event = "-" if w.bytes_per_event is None else f"{w.bytes_per_event / 1024:.1f} KiB/event"
     images = f"{w.full_page_images * WAL_PAGE_BYTES / w.bytes:.0%}" if w.bytes else "-"
     return (
