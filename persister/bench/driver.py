@@ -227,6 +227,7 @@ async def _open_send(
     slots: asyncio.Semaphore,
 ) -> None:
     try:
+        stop.recorder.record_send_delay(intended, time.perf_counter())
         acknowledged = await send(client, request, intended, stop.recorder, on_answer)
         stop.acknowledged += acknowledged  # not `+= await`: that reads before awaiting
     except asyncio.CancelledError:

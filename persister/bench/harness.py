@@ -454,6 +454,7 @@ class _PhaseRun:
             cpu=cpu_report,
             timeline=r.timeline(offset),
             wal=wal_report,
+            send_delay_ms=stats.summarise(r.send_delays) if self.plan.mode == "open" else None,
         )
 
 

@@ -45,6 +45,9 @@ class PhaseResult(msgspec.Struct):
     timeline: list[TimelinePoint]
     # None when the server keeps no WAL statistics (before PostgreSQL 14).
     wal: WalReport | None = None
+    # Open loop only: how long after their scheduled times calls left the
+    # harness. Part of `latency_ms`, which counts from the schedule.
+    send_delay_ms: Percentiles | None = None
 
 
 class BatchSizes(msgspec.Struct):
@@ -100,6 +103,8 @@ def table(result: RunResult) -> str:
         lines.append(_phase_row(phase))
         for instance, rate in sorted(phase.events_per_s_by_instance.items()):
             lines.append(f"  {instance:<10}{rate:>10.0f}")
+        if phase.send_delay_ms is not None:
+            lines.append(f"  {send_delay_line(phase.send_delay_ms)}")
         if phase.wal is not None:
             lines.append(f"  {wal_line(phase.wal)}")
     if result.ceiling is not None:
@@ -137,6 +142,14 @@ def _phase_row(p: PhaseResult) -> str:
         f"{_ms(lat.p99):>8}{_ms(lat.p999):>8}{_ms(lat.max):>8}{_ms(lag.p50):>9}"
         f"{_ms(lag.p99):>9}{sum(p.errors.values()):>8}"
         f"{sum(p.cpu.persisters_s.values()):>9.1f}{pg:>8.1f}"
+    )
+
+
+def send_delay_line(delay: Percentiles) -> str:
+    """How late the harness itself sent an open phase's calls, as the table shows it."""
+    return (
+        f"harness sent calls late by p50 {_ms(delay.p50)}, p99 {_ms(delay.p99)}, "
+        f"max {_ms(delay.max)} ms (included in the latency above)"
     )
 
 

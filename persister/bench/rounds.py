@@ -72,6 +72,8 @@ FIGURES: tuple[tuple[str, int, Callable[[PhaseResult], float | None]], ...] = (
     ("p50 ms", 1, lambda p: p.latency_ms.p50),
     ("p99 ms", 1, lambda p: p.latency_ms.p99),
     ("lag p99 ms", 1, lambda p: p.stream_lag_ms.p99),
+    # Open phases: the part of their latency the harness added by sending late.
+    ("sent late p99 ms", 1, lambda p: None if p.send_delay_ms is None else p.send_delay_ms.p99),
 )
 
 

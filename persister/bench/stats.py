@@ -84,6 +84,8 @@ class PhaseRecorder:
     measured_from: float
     latencies: list[float] = field(default_factory=list)
     lags: list[float] = field(default_factory=list)
+    # Open loop: how long after its scheduled time each call left the harness.
+    send_delays: list[float] = field(default_factory=list)
     events: int = 0
     new_events: int = 0
     requests: int = 0
@@ -118,6 +120,14 @@ class PhaseRecorder:
         if intended >= self.measured_from:
             self.errors[kind] += 1
             self.last_done = max(self.last_done, done)
+
+    def record_send_delay(self, intended: float, sent: float) -> None:
+        """An open-loop call left the harness at `sent`, scheduled for
+        `intended`. The delay is already part of the call's latency; kept
+        apart, it shows how much of that latency the harness itself added
+        (a busy event loop, or the in-flight cap)."""
+        if intended >= self.measured_from:
+            self.send_delays.append(max(0.0, sent - intended))
 
     def record_lag(self, answered: float, seen: float) -> None:
         lag = max(0.0, seen - answered)

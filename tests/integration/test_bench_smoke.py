@@ -77,6 +77,7 @@ def test_bench_run_acknowledges_events_and_stores_each_once(
     phase = result["phases"][0]
     assert phase["events"] > 0 and phase["events_per_s"] > 0
     assert phase["errors"] == {}
+    assert phase["send_delay_ms"] is None  # closed loop: a call leaves when it is sent
     assert (
         0 < phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"] <= phase["latency_ms"]["max"]
     )

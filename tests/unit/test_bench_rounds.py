@@ -159,3 +159,12 @@ def test_another_checkout_writes_its_result_where_the_caller_asked(
     assert ok and found is not None
     assert (caller / "rounds" / "base-1" / "result.json").is_file()
     assert not (checkout / "rounds").exists()
+
+
+def test_open_phases_show_how_late_the_harness_sent_their_calls() -> None:
+    open_phase = {**_phase("open", 50, None, 20.0), "send_delay_ms": _percentiles(0.2, 3.0)}
+    table = summarise({"a": [_run(_phase("closed", 100, 0.1, 1.0), open_phase)]})
+    header, closed_row, open_row = table.splitlines()
+    assert header.endswith("sent late p99 ms")
+    assert closed_row.endswith(" -")
+    assert open_row.endswith("3.0 [3.0-3.0]")
