@@ -29,6 +29,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,6 +99,8 @@ class ChannelRecorder:
     announcements: list[Announcement] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
     snapshots: list[Snapshot] = field(default_factory=list)
+    # Announcements on the channel that could not be read (0 unless the
+    # recorder misreads MONITOR): each is one the promise check never saw.
     unparsed: int = 0
     _names: dict[str, str] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -168,10 +171,13 @@ class ChannelRecorder:
                     text = info["command"]
                     if not text.upper().startswith(prefix.upper()):
                         continue
-                    command = _decode(text[len(prefix) :].encode())
-                    if command is None:
-                        self.unparsed += "SHARDMAP" not in text
+                    try:
+                        command = decode_command(monitored_bytes(text[len(prefix) :]))
+                    except msgspec.DecodeError:
+                        self.unparsed += 1  # an announcement the checks would miss
                         continue
+                    if not isinstance(command, Position | RData):
+                        continue  # not a position (DRAWN, SHARDMAP)
                     sender = f"{info['client_address']}:{info['client_port']}"
                     self.announcements.append(
                         Announcement(
@@ -209,6 +215,25 @@ class ChannelRecorder:
             Announcement(a.at, a.instance, a.prev, a.pos, a.rows, self.sender_name(a.sender))
             for a in self.announcements
         ]
+
+
+# What MONITOR escapes in an argument (Redis's sdscatrepr), once redis-py has
+# put back the quotes: backslashes, control characters and every non-ASCII
+# byte. Left escaped, an RDATA whose rows hold any of them is not JSON.
+_MONITOR_ESCAPE = re.compile(rb"\\(\\|n|r|t|a|b|x[0-9a-fA-F]{2})")
+_MONITOR_UNESCAPED = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
+
+
+def monitored_bytes(text: str) -> bytes:
+    """The bytes of an argument as redis-py's MONITOR reader shows it."""
+
+    def unescape(match: re.Match[bytes]) -> bytes:
+        code = match.group(1)
+        if code.startswith(b"x"):
+            return bytes([int(code[1:], 16)])
+        return _MONITOR_UNESCAPED[code]
+
+    return _MONITOR_ESCAPE.sub(unescape, text.encode())
 
 
 def _decode(data: object) -> Position | RData | None:

@@ -586,6 +586,7 @@ async def run_scenario(world: PartitionWorld, scenario: Scenario, tmp: Path) -> 
     assert set(load.acks) == set(found.stored.by_id), "stored events nobody acknowledged"
     assert not found.owners, found.owners[:5]
     assert not found.promise, found.promise[:5]
+    assert run.recorder.unparsed == 0, "announcements the promise check could not read"
     assert not found.late, found.late[:5]
     assert not found.chains, list(found.chains.items())[:5]
     assert found.stored.backward_extremities == 0
