@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import psycopg
+import yarl
 
-from persister.bench import checks, cpu, driver, options, report, stats, wal
+from persister.bench import checks, cpu, driver, options, report, stats, transactions, wal
 from persister.bench.ceiling import CeilingReport, CeilingRow, run_ceiling
 from persister.bench.databases import (
     DEFAULT_SERVER_URL,
@@ -354,16 +356,24 @@ class _PhaseRun:
         self.meter = cpu.CpuMeter(target.pids, target.database)
         self.meter_started = False
         self.wal_before: wal.WalCounters | None = None
+        self.transactions_before: list[transactions.TransactionTimes] | None = None
+        self.metrics_urls = [
+            str(yarl.URL.build(scheme="http", host=loc.host, port=loc.port, path="/metrics"))
+            for loc in target.config.instance_map.values()
+        ]
 
     async def execute(self, source: driver.RequestSource, offset: float) -> report.PhaseResult:
         self.progress.message(
             f"phase {self.plan.name}: {self.args.duration:g}s ({self.args.warmup:g}s warm-up)"
         )
         client_before = self.client.stats.snapshot()
-        async with await psycopg.AsyncConnection.connect(
-            self.target.config.database.conninfo(), autocommit=True
-        ) as server:
-            watcher = asyncio.create_task(self._watch(server))
+        async with (
+            await psycopg.AsyncConnection.connect(
+                self.target.config.database.conninfo(), autocommit=True
+            ) as server,
+            aiohttp.ClientSession() as http,
+        ):
+            watcher = asyncio.create_task(self._watch(server, http))
             try:
                 await self._drive(source)
                 await self.tracker.flush(LAG_FLUSH_S)
@@ -371,19 +381,36 @@ class _PhaseRun:
                 watcher.cancel()
                 self.progress.done()
             if not self.meter_started:
-                await self._start_meters(server)
+                await self._start_meters(server, http)
             cpu_report = self.meter.stop(max(time.perf_counter(), self.recorder.last_done))
             wal_after = await wal.read_counters(server)
+            transactions_after = await self._read_transactions(http)
         wal_report = None
         if self.wal_before is not None and wal_after is not None:
             wal_report = wal.report(self.wal_before, wal_after, self.recorder.new_events)
+        transactions_report = None
+        if self.transactions_before is not None and transactions_after is not None:
+            transactions_report = transactions.report(self.transactions_before, transactions_after)
         client = _client_delta(client_before, self.client)
-        return self._result(offset, cpu_report, wal_report, client)
+        return self._result(offset, cpu_report, wal_report, transactions_report, client)
 
-    async def _start_meters(self, server: psycopg.AsyncConnection[Any]) -> None:
+    async def _start_meters(
+        self, server: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession
+    ) -> None:
         self.meter.start(time.perf_counter())
         self.meter_started = True
         self.wal_before = await wal.read_counters(server)
+        self.transactions_before = await self._read_transactions(http)
+
+    async def _read_transactions(
+        self, http: aiohttp.ClientSession
+    ) -> list[transactions.TransactionTimes] | None:
+        """None if a persister's `/metrics` cannot be read: the phase goes on without."""
+        try:
+            return await transactions.read(http, self.metrics_urls)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.progress.message(f"cannot read the persisters' /metrics: {exc!r}")
+            return None
 
     async def _drive(self, source: driver.RequestSource) -> None:
         def on_answer(done: float, response: Any) -> None:
@@ -407,12 +434,14 @@ class _PhaseRun:
                 drain_s=CALL_DEADLINE_S,
             )
 
-    async def _watch(self, server: psycopg.AsyncConnection[Any]) -> None:
+    async def _watch(
+        self, server: psycopg.AsyncConnection[Any], http: aiohttp.ClientSession
+    ) -> None:
         """Progress line and CPU samples, twice a second."""
         while True:
             now = time.perf_counter()
             if not self.meter_started and now >= self.recorder.measured_from:
-                await self._start_meters(server)
+                await self._start_meters(server, http)
             elif self.meter_started:
                 await asyncio.to_thread(self.meter.sample)
             self.progress.update(self.plan.name, self.recorder, self.stop.acknowledged, now)
@@ -423,6 +452,7 @@ class _PhaseRun:
         offset: float,
         cpu_report: cpu.CpuReport,
         wal_report: wal.WalReport | None,
+        transactions_report: transactions.TransactionReport | None,
         client: dict[str, int],
     ) -> report.PhaseResult:
         r = self.recorder
@@ -454,6 +484,7 @@ class _PhaseRun:
             cpu=cpu_report,
             timeline=r.timeline(offset),
             wal=wal_report,
+            transactions=transactions_report,
             send_delay_ms=stats.summarise(r.send_delays) if self.plan.mode == "open" else None,
         )
 

@@ -11,6 +11,8 @@ import msgspec
 from persister.bench.ceiling import CeilingReport
 from persister.bench.cpu import CpuReport
 from persister.bench.stats import Percentiles, TimelinePoint
+from persister.bench.transactions import TransactionReport
+from persister.bench.transactions import line as transactions_line
 from persister.bench.wal import WalReport
 from persister.bench.workload import WorkloadSummary
 
@@ -48,6 +50,9 @@ class PhaseResult(msgspec.Struct):
     # Open loop only: how long after their scheduled times calls left the
     # harness. Part of `latency_ms`, which counts from the schedule.
     send_delay_ms: Percentiles | None = None
+    # What the persisters' own histograms say of the phase's transactions;
+    # None if their /metrics could not be read.
+    transactions: TransactionReport | None = None
 
 
 class BatchSizes(msgspec.Struct):
@@ -105,6 +110,8 @@ def table(result: RunResult) -> str:
             lines.append(f"  {instance:<10}{rate:>10.0f}")
         if phase.send_delay_ms is not None:
             lines.append(f"  {send_delay_line(phase.send_delay_ms)}")
+        if phase.transactions is not None:
+            lines.append(f"  {transactions_line(phase.transactions)}")
         if phase.wal is not None:
             lines.append(f"  {wal_line(phase.wal)}")
     if result.ceiling is not None:

@@ -114,6 +114,13 @@ def test_bench_run_reports_the_wal_the_server_wrote_in_the_phase(
     assert wal["checkpoints"] >= 0 and wal["buffers_full"] >= 0
 
 
+def test_bench_run_reports_the_transactions_the_persisters_timed(result: Any) -> None:
+    timed = result["phases"][0]["transactions"]
+    # The phase's window, read from the persister's /metrics, inside the run.
+    assert 0 < timed["transactions"] <= result["batch_sizes"]["transactions"]
+    assert timed["mean_ms"] > 0 and 0 <= timed["slow"] <= timed["transactions"]
+
+
 def test_workload_is_reproducible_from_its_seed() -> None:
     spec = WorkloadSpec(
         rooms=20,
