@@ -74,6 +74,8 @@ FIGURES: tuple[tuple[str, int, Callable[[PhaseResult], float | None]], ...] = (
     ("lag p99 ms", 1, lambda p: p.stream_lag_ms.p99),
     # Open phases: the part of their latency the harness added by sending late.
     ("sent late p99 ms", 1, lambda p: None if p.send_delay_ms is None else p.send_delay_ms.p99),
+    # Transactions the persisters timed over 100 ms: a tail from the database.
+    ("slow tx", 0, lambda p: None if p.transactions is None else p.transactions.slow),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,24 @@ def test_another_checkout_writes_its_result_where_the_caller_asked(
 def test_open_phases_show_how_late_the_harness_sent_their_calls() -> None:
     open_phase = {**_phase("open", 50, None, 20.0), "send_delay_ms": _percentiles(0.2, 3.0)}
     table = summarise({"a": [_run(_phase("closed", 100, 0.1, 1.0), open_phase)]})
-    header, closed_row, open_row = table.splitlines()
-    assert header.endswith("sent late p99 ms")
-    assert closed_row.endswith(" -")
-    assert open_row.endswith("3.0 [3.0-3.0]")
+    header, closed_row, open_row = (_cells(row) for row in table.splitlines())
+    column = header.index("sent late p99 ms")
+    assert closed_row[column] == "-"
+    assert open_row[column] == "3.0 [3.0-3.0]"
+
+
+def test_phases_show_how_many_transactions_the_persisters_found_slow() -> None:
+    timed = {
+        "transactions": 500, "mean_ms": 9.0, "p99_under_ms": 50.0, "slow": 4,
+        "slow_over_ms": 100.0, "slowest_over_ms": 100.0,
+    }  # fmt: skip
+    runs = [
+        _run({**_phase("open", 50, None, 20.0), "transactions": {**timed, "slow": slow}})
+        for slow in (0, 4, 2)
+    ]
+    header, row = (_cells(line) for line in summarise({"a": runs}).splitlines())
+    assert row[header.index("slow tx")] == "2 [0-4]"
+
+
+def _cells(row: str) -> list[str]:
+    return re.split(r"\s{2,}", row.strip())
