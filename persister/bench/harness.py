@@ -356,7 +356,7 @@ class _PhaseRun:
         self.meter = cpu.CpuMeter(target.pids, target.database)
         self.meter_started = False
         self.wal_before: wal.WalCounters | None = None
-        self.transactions_before: list[transactions.TransactionTimes] | None = None
+        self.transactions_before: transactions.TransactionTimes | None = None
         self.metrics_urls = [
             str(yarl.URL.build(scheme="http", host=loc.host, port=loc.port, path="/metrics"))
             for loc in target.config.instance_map.values()
@@ -404,7 +404,7 @@ class _PhaseRun:
 
     async def _read_transactions(
         self, http: aiohttp.ClientSession
-    ) -> list[transactions.TransactionTimes] | None:
+    ) -> transactions.TransactionTimes | None:
         """None if a persister's `/metrics` cannot be read: the phase goes on without."""
         try:
             return await transactions.read(http, self.metrics_urls)

@@ -11,7 +11,7 @@ COMMIT stalling at once) from one made by queueing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import aiohttp
 import msgspec
@@ -24,7 +24,7 @@ READ_TIMEOUT_S = 2.0
 
 
 class TransactionTimes(msgspec.Struct, frozen=True):
-    """One persister's histogram: cumulative counts per upper bound (seconds)."""
+    """The pool's histogram: cumulative counts per upper bound (seconds)."""
 
     count: float
     total_s: float
@@ -45,40 +45,41 @@ class TransactionReport(msgspec.Struct):
     slowest_over_ms: float | None
 
 
-def parse(text: str) -> TransactionTimes:
-    """The histogram, summed over its series, from a `/metrics` text."""
+def parse(texts: Iterable[str]) -> TransactionTimes:
+    """The histogram summed over every series of `/metrics` texts (one per persister)."""
     count = total = 0.0
     buckets: dict[float, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != METRIC:
-            continue
-        for sample in family.samples:
-            if sample.name == f"{METRIC}_count":
-                count += sample.value
-            elif sample.name == f"{METRIC}_sum":
-                total += sample.value
-            elif sample.name == f"{METRIC}_bucket":
-                bound = float(sample.labels["le"])
-                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name != METRIC:
+                continue
+            for sample in family.samples:
+                if sample.name == f"{METRIC}_count":
+                    count += sample.value
+                elif sample.name == f"{METRIC}_sum":
+                    total += sample.value
+                elif sample.name == f"{METRIC}_bucket":
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return TransactionTimes(count, total, buckets)
 
 
-async def read(session: aiohttp.ClientSession, urls: Iterable[str]) -> list[TransactionTimes]:
-    """Each persister's histogram now (raises aiohttp.ClientError or TimeoutError)."""
-    times = []
+async def read(session: aiohttp.ClientSession, urls: Iterable[str]) -> TransactionTimes:
+    """The pool's histogram now (raises aiohttp.ClientError or TimeoutError)."""
+    texts = []
     for url in urls:
         timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT_S)
         async with session.get(url, timeout=timeout) as answer:
             answer.raise_for_status()
-            times.append(parse(await answer.text()))
-    return times
+            texts.append(await answer.text())
+    return parse(texts)
 
 
-def report(before: list[TransactionTimes], after: list[TransactionTimes]) -> TransactionReport:
+def report(before: TransactionTimes, after: TransactionTimes) -> TransactionReport:
     """What the pool's persisters committed between two reads."""
-    count = sum(a.count for a in after) - sum(b.count for b in before)
-    total_s = sum(a.total_s for a in after) - sum(b.total_s for b in before)
-    buckets = _difference(_summed(after), _summed(before))
+    count = after.count - before.count
+    total_s = after.total_s - before.total_s
+    buckets = {b: value - before.buckets.get(b, 0.0) for b, value in after.buckets.items()}
     bounds = [b for b in sorted(buckets) if math.isfinite(b)]
     slow_bound = next((b for b in bounds if b >= SLOW_S), None)
     if count <= 0:
@@ -111,15 +112,3 @@ def line(r: TransactionReport) -> str:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
-
-
-def _summed(times: list[TransactionTimes]) -> dict[float, float]:
-    summed: dict[float, float] = {}
-    for t in times:
-        for bound, value in t.buckets.items():
-            summed[bound] = summed.get(bound, 0.0) + value
-    return summed
-
-
-def _difference(after: Mapping[float, float], before: Mapping[float, float]) -> dict[float, float]:
-    return {bound: value - before.get(bound, 0.0) for bound, value in after.items()}
