@@ -208,7 +208,10 @@ class Lane:
             finally:
                 self.busy = False
                 for request in batch:
-                    self.budget.release(request.event_count, request.size_bytes)
+                    if request.requeued:  # parked again by `_reroute`: still queued
+                        request.requeued = False
+                    else:
+                        self.budget.release(request.event_count, request.size_bytes)
 
     async def _wait_for_work(self, timeout_s: float) -> bool:
         # Not wait_for, whose task of its own costs every batch a task and
@@ -339,9 +342,15 @@ class Lane:
                 request.done.set_exception(
                     NotMyShard(request.link.room_id, owner, self.settings.instance)
                 )
-        kept = self._park_gained(kept)
-        if kept:
-            await self._persist_isolating_failures(kept)
+        going_on = self._park_gained(kept)
+        if len(going_on) < len(kept):
+            # Back in the queue: their budget is released when they are
+            # written, not with this batch.
+            not_parked = {id(request) for request in going_on}
+            for request in kept:
+                request.requeued = id(request) not in not_parked
+        if going_on:
+            await self._persist_isolating_failures(going_on)
 
     async def _ensure_connected(self) -> None:
         async with self._connect_lock:

@@ -23,6 +23,8 @@ class PendingRequest:
     size_bytes: int
     done: asyncio.Future[list[EventResult]]
     enqueued_at: float
+    # Parked again while its lane was writing the batch it was taken in.
+    requeued: bool = False
 
     @property
     def event_count(self) -> int:
