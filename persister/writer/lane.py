@@ -214,14 +214,14 @@ class Lane:
                         self.budget.release(request.event_count, request.size_bytes)
 
     async def _wait_for_work(self, timeout_s: float) -> bool:
-        # Not wait_for, whose task of its own costs every batch a task and
-        # three turns of the event loop between a request's arrival and the
-        # lane's start, while other handlers run.
-        if self.queue.pending:
-            return True
+        # wait_for wakes the lane three turns of the event loop after work
+        # arrives, even when it was queued already. Waking it in one turn
+        # (asyncio.timeout) was measured: no gain for single events beyond
+        # the noise, and with 50-event requests at full load the lanes drew
+        # their orderings out of step and the stream lag p99 went from 6-7
+        # to 16-18 ms (bench/README.md, fourteenth session).
         try:
-            async with asyncio.timeout(timeout_s):
-                await self.queue.wait()
+            await asyncio.wait_for(self.queue.wait(), timeout_s)
         except TimeoutError:
             return False
         return True
