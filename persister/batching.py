@@ -52,8 +52,8 @@ Address = tuple[str, int]
 # More requests than this ready at once leave as several exchanges of even
 # size. A persister writes the rooms of one exchange in one of its lanes
 # (persister.writer.routing), so 64 single events ready at once leave as two
-# exchanges that its two lanes write side by side, one while the other is
-# decoded and answered. (A persister refuses a batch of more requests than
+# exchanges that its two lanes write side by side, each answered when its
+# own lane commits. (A persister refuses a batch of more requests than
 # persist.max_events_per_request.)
 DEFAULT_MAX_REQUESTS: Final = 32
 DEFAULT_MAX_SMALL_EXCHANGES: Final = 1
