@@ -7,8 +7,7 @@ for p99 <= 15 ms at half of max throughput" without a noisy machine in the
 way, and compares how requests are spread over lanes:
 
 - static: each room always goes to the lane its hash picks (the persister
-  until the fourteenth session; it now sends a whole exchange's rooms to
-  one lane, `persister/writer/routing.py`, which this model does not have);
+  today, `persister/writer/service.py`);
 - pooled: any idle lane takes the queued requests of rooms that no other
   lane is writing, in arrival order (tried in the eighth session and not
   kept: bench/README.md says why);

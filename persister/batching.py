@@ -49,13 +49,9 @@ OnBatch = Callable[[int, int], None]
 
 Address = tuple[str, int]
 
-# More requests than this ready at once leave as several exchanges of even
-# size. A persister writes the rooms of one exchange in one of its lanes
-# (persister.writer.routing), so 64 single events ready at once leave as two
-# exchanges that its two lanes write side by side, each answered when its
-# own lane commits. (A persister refuses a batch of more requests than
-# persist.max_events_per_request.)
-DEFAULT_MAX_REQUESTS: Final = 32
+# Above this, a persister would refuse the batch (persist.max_events_per_request
+# caps the requests of a batch too); the rest wait for the next one.
+DEFAULT_MAX_REQUESTS: Final = 256
 DEFAULT_MAX_SMALL_EXCHANGES: Final = 1
 DEFAULT_SMALL_EXCHANGE_BYTES: Final = 32 * 1024
 
@@ -196,7 +192,7 @@ class Batcher:
                 request.body = request.grow()
             ready.append(request)
         while ready:
-            batch = _take(ready, _even_share(len(ready), self._max_requests), self._max_bytes)
+            batch = _take(ready, self._max_requests, self._max_bytes)
             task = loop.create_task(self._send(address, batch, now))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
@@ -262,13 +258,6 @@ class Batcher:
             (a.status, None if a.retry_after_s is None else str(a.retry_after_s), bytes(a.body))
             for a in responses
         ]
-
-
-def _even_share(ready: int, max_requests: int) -> int:
-    """How many of `ready` requests the next exchange takes, so that all of
-    them leave in as few exchanges as `max_requests` allows, of even size."""
-    exchanges = -(-ready // max(1, max_requests))
-    return -(-ready // exchanges)
 
 
 def _take(ready: list[_Request], max_requests: int, max_bytes: int) -> list[_Request]:

@@ -177,8 +177,7 @@ class ClientOptions:
     coalesce_max_bytes: int = 1024 * 1024
     # Requests for different rooms issued in the same turn of the event loop
     # go to their persister as one HTTP request of at most this many (and
-    # coalesce_max_bytes), each answered as if alone (0 or 1: never); more
-    # leave as several requests of even size.
+    # coalesce_max_bytes), each answered as if alone (0 or 1: never).
     batch_max_requests: int = DEFAULT_MAX_REQUESTS
     # Requests for a persister that already has this many unanswered HTTP
     # requests of under small_exchange_bytes wait, and leave together when

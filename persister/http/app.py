@@ -47,7 +47,6 @@ from persister.wire import (
     encoder,
     request_decoder,
 )
-from persister.writer.routing import Together
 from persister.writer.service import Writer
 
 logger = logging.getLogger(__name__)
@@ -261,8 +260,7 @@ async def _batch_answers(app: web.Application, items: list[BatchItem]) -> list[B
     shield per request cost as much as their validation (single events)."""
     writer = app[WRITER]
     started = time.perf_counter()
-    together = writer.together()  # see persister.writer.routing
-    queued = [_queue(app, item, together) for item in items]
+    queued = [_queue(app, item) for item in items]
     waiting = [q for q in queued if not isinstance(q, BatchAnswer)]
     if waiting:
         try:
@@ -279,34 +277,31 @@ async def _batch_answers(app: web.Application, items: list[BatchItem]) -> list[B
     return answers
 
 
-def _queue(app: web.Application, item: BatchItem, together: Together) -> Queued:
+def _queue(app: web.Application, item: BatchItem) -> Queued:
     if not app[WRITER].owns(item.room_id):
-        return asyncio.ensure_future(_queue_checking_owner(app, item, together))
-    return _submit(app, item, together)
+        return asyncio.ensure_future(_queue_checking_owner(app, item))
+    return _submit(app, item)
 
 
 def _submit(
-    app: web.Application, item: BatchItem, together: Together
+    app: web.Application, item: BatchItem
 ) -> BatchAnswer | asyncio.Future[list[EventResult]]:
     writer = app[WRITER]
     try:
         body = bytes(item.request)
         writer.admit(item.room_id, len(body))
-        link = _decode_request(body, item.room_id, app[MAX_EVENTS])
-        return writer.submit(link, len(body), together)
+        return writer.submit(_decode_request(body, item.room_id, app[MAX_EVENTS]), len(body))
     except Exception as exc:  # each request of a batch has its own answer
         return _error_answer(item, exc)
 
 
-async def _queue_checking_owner(
-    app: web.Application, item: BatchItem, together: Together
-) -> BatchAnswer:
+async def _queue_checking_owner(app: web.Application, item: BatchItem) -> BatchAnswer:
     """`_queue` once the map is fresh: the room may have come to this writer."""
     try:
         await app[WRITER].check_owner(item.room_id)
     except Exception as exc:  # each request of a batch has its own answer
         return _error_answer(item, exc)
-    queued = _submit(app, item, together)
+    queued = _submit(app, item)
     if not isinstance(queued, BatchAnswer):
         await asyncio.wait([queued])
     return _batch_answer(app[WRITER], item, queued)

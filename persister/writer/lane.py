@@ -1,10 +1,9 @@
 """One writer lane: a database connection and the batch loop that feeds it.
 
-The writer chooses each request's lane (`persister.writer.routing`): a room
-stays with one lane while that lane holds any of its requests, so one slow
-transaction only holds back its own rooms. Each loop iteration drains
-whatever the queue holds (up to `max_batch_events`) into ONE transaction,
-and acknowledges every request of the batch only after COMMIT.
+Rooms are spread over lanes by a stable hash, so one slow transaction only
+holds back the rooms of its own lane. Each loop iteration drains whatever
+its queue holds (up to `max_batch_events`) into ONE transaction, and
+acknowledges every request of the batch only after COMMIT.
 
 A transaction takes one round trip when the lane remembers the batch's
 rooms (`persister.writer.memory`): BEGIN, fences, the draw of its orderings,
@@ -48,7 +47,6 @@ from persister.wire import EventResult
 from persister.writer.memory import RememberedPlan, RoomsMemory
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, LaneQueue, PendingRequest
-from persister.writer.routing import RoomLanes
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +146,7 @@ class Lane:
         self.wait_position: Callable[[int], Awaitable[None]] = _no_wait
         # Set by the writer; without it no batch goes in one round trip.
         self.settle_events: SettleEvents | None = None
-        # The writer's, shared by its lanes (a room is written by one lane
-        # at a time: `persister.writer.routing`), and this lane's index there.
         self.memory = RoomsMemory()
-        self.rooms = RoomLanes()
-        self.index = 0
         self.batches_in_one_round_trip = 0
         self.connection: AsyncConnection[tuple[object, ...]] | None = None
         self.busy = False
@@ -217,13 +211,7 @@ class Lane:
                     if request.requeued:  # parked again by `_reroute`: still queued
                         request.requeued = False
                     else:
-                        self._release(request)
-
-    def _release(self, request: PendingRequest) -> None:
-        """The lane is done with `request`: answered, and its transaction's
-        outcome known."""
-        self.budget.release(request.event_count, request.size_bytes)
-        self.rooms.release(request.link.room_id)
+                        self.budget.release(request.event_count, request.size_bytes)
 
     async def _wait_for_work(self, timeout_s: float) -> bool:
         # wait_for wakes the lane three turns of the event loop after work
@@ -284,7 +272,7 @@ class Lane:
         for request in self.queue.take_where(
             lambda r: self.owners.owner(r.link.room_id) != instance
         ):
-            self._release(request)
+            self.budget.release(request.event_count, request.size_bytes)
             if not request.done.done():
                 room_id = request.link.room_id
                 request.done.set_exception(
@@ -320,7 +308,7 @@ class Lane:
             logger.warning("cannot put the new shard map in force: %s", exc)
             error = StoreUnavailable("the shard map is changing and cannot be read; retry")
             for request in self.queue.take_parked():
-                self._release(request)
+                self.budget.release(request.event_count, request.size_bytes)
                 if not request.done.done():
                     request.done.set_exception(error)
             return
@@ -356,7 +344,8 @@ class Lane:
                 )
         going_on = self._park_gained(kept)
         if len(going_on) < len(kept):
-            # Back in the queue: released when taken again, not with this batch.
+            # Back in the queue: their budget is released when they are
+            # written, not with this batch.
             not_parked = {id(request) for request in going_on}
             for request in kept:
                 request.requeued = id(request) not in not_parked
@@ -635,7 +624,7 @@ class Lane:
     def _refuse_queued(self, error: PersisterError) -> None:
         """Answer every request waiting in this lane's queue with `error`."""
         for request in self.queue.take(sys.maxsize):
-            self._release(request)
+            self.budget.release(request.event_count, request.size_bytes)
             if not request.done.done():
                 request.done.set_exception(error)
 

@@ -1,14 +1,13 @@
-"""What a writer remembers of the rooms it writes, to plan a batch without loading. No I/O.
+"""What a lane remembers of the rooms it writes, to plan a batch without loading. No I/O.
 
-A room belongs to one writer at a time (the shard map), which commits every
-event the room gets while it is theirs, and within it to one lane at a time
-(`persister.writer.routing`): the lanes share this memory, and none reads a
-room while another has a write of it open. So once a batch has committed,
-the writer knows the room's version, its forward extremities and its newest
-events exactly as stored, for as long as the shard map stays the same. A
-batch of new, accepted events of such rooms, whose prevs are among those
-events, is planned from this memory (`plan`) and written in one round trip
-instead of two (`persister.writer.lane`).
+A room belongs to one writer at a time (the shard map) and, within it, to
+one lane (the lanes' hash), and that lane commits every event the room gets
+while it is theirs. So once a batch has committed, the lane knows the room's
+version, its forward extremities and its newest events exactly as stored,
+for as long as the shard map stays the same. A batch of new, accepted events
+of such rooms, whose prevs are among those events, is planned from this
+memory (`plan`) and written in one round trip instead of two
+(`persister.writer.lane`).
 
 The write does not take the memory on trust: it refuses the batch if the
 forward extremities it replaces are not the ones remembered, if a stored
@@ -53,7 +52,7 @@ class RoomMemory:
 
 
 class RoomsMemory:
-    """A writer's memory of its rooms, valid under one shard-map epoch."""
+    """One lane's memory of its rooms, valid under one shard-map epoch."""
 
     def __init__(self, rooms: int = ROOMS, events_per_room: int = EVENTS_PER_ROOM) -> None:
         self._max_rooms = rooms

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,10 +32,8 @@ from persister.storage import streams
 from persister.storage.shard_map import stored_room_ids
 from persister.wire import EventResult
 from persister.writer.lane import CommittedBatch, Lane, LaneSettings
-from persister.writer.memory import RoomsMemory
 from persister.writer.ownership import LiveShardMap
 from persister.writer.queue import Budget, PendingRequest
-from persister.writer.routing import RoomLanes, Together
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +74,7 @@ class Writer:
             for _ in range(lanes)
         ]  # fmt: skip
         self._advanced = asyncio.Event()  # set, and replaced, at every rise of the position
-        self.rooms = RoomLanes()
-        self.memory = RoomsMemory()
-        for index, lane in enumerate(self.lanes):
-            lane.index, lane.rooms, lane.memory = index, self.rooms, self.memory
+        for lane in self.lanes:
             lane.wait_position = self._wait_position
             lane.settle_events = self._settle_events
         self.accepting = False
@@ -172,28 +168,9 @@ class Writer:
         if not self.accepting:
             raise Unavailable("persister is not accepting writes", retry_after_s=1.0)
 
-    def choose_lane(self) -> int:
-        """The lane for the rooms of an exchange that no lane holds: a ready
-        one, idle if one is, else the one with the fewest requests queued
-        (`persister.writer.routing`)."""
-        return min(range(len(self.lanes)), key=self._lane_load)
-
-    def _lane_load(self, index: int) -> tuple[bool, bool, int]:
-        lane = self.lanes[index]
-        return (not lane.ready, lane.busy, len(lane.queue.pending))
-
-    def together(self) -> Together:
-        """Where the requests of one exchange go (`submit`)."""
-        return Together(self.choose_lane, self.settings.max_batch_events)
-
-    def _lane_for(self, room_id: str, together: Together | None = None, events: int = 0) -> Lane:
-        """The lane that holds the room's requests, or else the one chosen
-        for it (ready, unless none is)."""
+    def _lane_for(self, room_id: str) -> Lane:
         self._check_accepting()
-        index = self.rooms.lane_of(room_id)
-        if index is None:
-            index = self.choose_lane() if together is None else together.lane_for(events)
-        lane = self.lanes[index]
+        lane = self.lanes[zlib.crc32(room_id.encode("utf-8")) % len(self.lanes)]
         if not lane.ready:
             raise StoreUnavailable("database connection lost; retry later")
         return lane
@@ -203,18 +180,13 @@ class Writer:
         # Shielded: a client that hangs up must not cancel a half-done batch.
         return await asyncio.shield(self.submit(link, size_bytes))
 
-    def submit(
-        self, link: LinkRequest, size_bytes: int, together: Together | None = None
-    ) -> asyncio.Future[list[EventResult]]:
+    def submit(self, link: LinkRequest, size_bytes: int) -> asyncio.Future[list[EventResult]]:
         """Queue a request; the future is done once its COMMIT is (the answer
-        is then durable). Cancelling the future does not withdraw the request.
-
-        The requests of one exchange go `together` (from `together()`)."""
-        chosen = self._lane_for(link.room_id, together, len(link.events))
+        is then durable). Cancelling the future does not withdraw the request."""
+        lane = self._lane_for(link.room_id)
         self.budget.reserve(len(link.events), size_bytes)
         done: asyncio.Future[list[EventResult]] = asyncio.get_running_loop().create_future()
-        self.rooms.hold(link.room_id, chosen.index)
-        chosen.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
+        lane.queue.put(PendingRequest(link, size_bytes, done, time.monotonic()))
         return done
 
     def owns(self, room_id: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,7 +34,6 @@ from persister.sharding import sha256_owner
 from persister.storage.keepalive import with_partition_detection
 from persister.storage.shard_map import install_next_epoch
 from persister.wire import EventEnvelope, PersistRequest
-from persister.writer.routing import Together
 from persister.writer.service import Writer
 from tests.fixtures.persister import RoomBuilder, make_config
 
@@ -107,10 +107,11 @@ async def test_a_lane_that_lost_its_connection_reconnects_without_waiting_for_a_
         r
         for r in (f"!lane{i}:example.org" for i in range(1000))
         if sha256_owner(r, ["persister1", "persister2"]) == "persister1"
+        and persister1.lanes[hash_lane(persister1, r)] is lane
     )
     link, size = link_for(room)
     with pytest.raises(StoreUnavailable):
-        await persister1.submit(link, size, Together(lambda: 0, max_events=1))
+        await persister1.persist(link, size)
     deadline = time.monotonic() + 10
     while not lane.ready:
         assert time.monotonic() < deadline, "the lane never reconnected"
@@ -118,6 +119,10 @@ async def test_a_lane_that_lost_its_connection_reconnects_without_waiting_for_a_
     link, size = link_for(room)
     results = await persister1.persist(link, size)
     assert [r.duplicate for r in results] == [False]
+
+
+def hash_lane(writer: Writer, room_id: str) -> int:
+    return zlib.crc32(room_id.encode("utf-8")) % len(writer.lanes)
 
 
 def test_partition_detection_adds_tcp_probes_on_both_ends() -> None:

@@ -15,6 +15,7 @@ import psycopg
 from aiohttp.test_utils import TestClient
 
 from persister.storage import events_txn, pipeline
+from persister.writer.lane import Lane
 from persister.writer.service import Writer
 from tests.fixtures.persister import AUTH, RoomBuilder, body, envelope, events_path
 
@@ -39,8 +40,8 @@ async def two_events(api: Client, room: RoomBuilder) -> tuple[str, str]:
     return first, second
 
 
-def batches_in_one_round_trip(writer: Writer) -> int:
-    return sum(lane.batches_in_one_round_trip for lane in writer.lanes)
+def lane_of(writer: Writer, room: RoomBuilder) -> Lane:
+    return writer._lane_for(room.room_id)
 
 
 async def forward_extremities(database_url: str, room_id: str) -> set[str]:
@@ -64,6 +65,7 @@ async def test_a_room_the_lane_wrote_takes_one_round_trip_per_batch_after_the_fi
     writer: Writer, api: Client, database_url: str
 ) -> None:
     room = RoomBuilder(room_id="!remembered:example.org")
+    lane = lane_of(writer, room)
     orderings = []
     for _ in range(4):
         event_id, pdu = room.event()
@@ -72,7 +74,7 @@ async def test_a_room_the_lane_wrote_takes_one_round_trip_per_batch_after_the_fi
         ordering = result["stream_ordering"]
         assert await stored(database_url, event_id) == [(ordering, result["depth"])]
         orderings.append(ordering)
-    assert batches_in_one_round_trip(writer) == 3
+    assert lane.batches_in_one_round_trip == 3
     assert orderings == sorted(orderings)
     assert await forward_extremities(database_url, room.room_id) == {event_id}
     assert writer.positions.position() >= orderings[-1]
@@ -87,7 +89,7 @@ async def test_a_fork_from_an_older_event_is_linked_as_loading_would(
     first, second = await two_events(api, room)
     fork, pdu = room.event(prevs=[first], advance=False)
     await persist(api, room, pdu)
-    assert batches_in_one_round_trip(writer) == 2
+    assert lane_of(writer, room).batches_in_one_round_trip == 2
     assert await forward_extremities(database_url, room.room_id) == {second, fork}
 
 
@@ -96,11 +98,12 @@ async def test_when_the_extremities_are_not_as_remembered_the_batch_is_loaded_in
 ) -> None:
     room = RoomBuilder(room_id="!stale:example.org")
     first, second = await two_events(api, room)
+    lane = lane_of(writer, room)
     # As if the lane had missed its own last commit.
-    writer.memory._rooms[room.room_id].forward_extremities = {first}
+    lane.memory._rooms[room.room_id].forward_extremities = {first}
     third, pdu = room.event(prevs=[first], advance=False)
     answer = await persist(api, room, pdu)
-    assert batches_in_one_round_trip(writer) == 1  # the refused batch did not count
+    assert lane.batches_in_one_round_trip == 1  # the refused batch did not count
     (result,) = answer["results"]
     assert await stored(database_url, third) == [(result["stream_ordering"], result["depth"])]
     assert await forward_extremities(database_url, room.room_id) == {second, third}
@@ -114,8 +117,9 @@ async def test_an_event_stored_before_the_lane_remembered_it_is_still_a_duplicat
     await persist(api, room, room.event()[1])
     event_id, pdu = room.event()
     first_answer = await persist(api, room, pdu)
+    lane = lane_of(writer, room)
     # As if it had been written before the lane's memory began.
-    del writer.memory._rooms[room.room_id].recent[event_id]
+    del lane.memory._rooms[room.room_id].recent[event_id]
     again = await persist(api, room, pdu)
     assert again["results"][0]["duplicate"] is True
     assert again["results"][0]["stream_ordering"] == first_answer["results"][0]["stream_ordering"]
@@ -128,11 +132,12 @@ async def test_an_extremity_remembered_but_not_stored_refuses_the_batch_too(
 ) -> None:
     room = RoomBuilder(room_id="!extra:example.org")
     first, second = await two_events(api, room)
+    lane = lane_of(writer, room)
     # Remembered as still an extremity, which it stopped being.
-    writer.memory._rooms[room.room_id].forward_extremities.add(first)
+    lane.memory._rooms[room.room_id].forward_extremities.add(first)
     third, pdu = room.event()
     answer = await persist(api, room, pdu)
-    assert batches_in_one_round_trip(writer) == 1
+    assert lane.batches_in_one_round_trip == 1
     assert answer["results"][0]["duplicate"] is False
     assert await forward_extremities(database_url, room.room_id) == {third}
 
@@ -141,12 +146,12 @@ async def test_a_rolled_back_batch_leaves_the_lane_its_prepared_statements(
     writer: Writer, api: Client, database_url: str
 ) -> None:
     room = RoomBuilder(room_id="!rollback:example.org")
-    for lane in writer.lanes:  # the event may go to any of them
-        assert lane.connection is not None
-        for _ in range(8):  # often enough for psycopg to prepare it, were it allowed to
-            await lane._check_idle_connection()
-        await pipeline.round_trip(lane.connection, (events_txn.BEGIN,))
-        await lane._end_failed_transaction()
+    lane = lane_of(writer, room)
+    assert lane.connection is not None
+    for _ in range(8):  # often enough for psycopg to prepare it, were it allowed to
+        await lane._check_idle_connection()
+    await pipeline.round_trip(lane.connection, (events_txn.BEGIN,))
+    await lane._end_failed_transaction()
     event_id, pdu = room.event()
     await persist(api, room, pdu)
     assert len(await stored(database_url, event_id)) == 1

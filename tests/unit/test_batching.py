@@ -195,13 +195,3 @@ async def test_closing_ends_requests_still_waiting(persister):
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert persister.rooms_sent() == [["a"]]
-
-
-async def test_more_requests_than_an_exchange_holds_leave_as_exchanges_of_even_size(persister):
-    batcher = batcher_for(persister, max_requests=4, max_small_exchanges=0)
-    rooms = [f"r{n}" for n in range(10)]
-    for room in rooms:
-        send(batcher, room)  # all in one turn
-    await turns()
-    assert [len(sent) for sent in persister.rooms_sent()] == [4, 3, 3]
-    assert [room for sent in persister.rooms_sent() for room in sent] == rooms
