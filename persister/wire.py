@@ -57,9 +57,9 @@ class BatchItem(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """Several rooms' persist requests in one HTTP request (an extension of
-    the contract's API: `persister.http.app.persist_batch`)."""
+    """Several rooms' persist requests in one HTTP request."""
 
+    # An extension of the contract's API: `persister.http.app.persist_batch`.
     requests: list[BatchItem]
 
 

@@ -191,11 +191,21 @@ def _decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     except msgspec.ValidationError as exc:
         raise BadRequest(f"request body: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}", errcode="M_NOT_JSON") from None
-    except UnicodeDecodeError as exc:  # invalid UTF-8 in a string outside the PDUs
+        raise BadRequest(_not_json(body, exc), errcode="M_NOT_JSON") from None
+    except UnicodeDecodeError as exc:  # msgspec < 0.23, on a string outside the PDUs
         raise BadRequest(f"request body is not UTF-8: {exc}", errcode="M_NOT_JSON") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+
+
+def _not_json(body: bytes, exc: msgspec.DecodeError) -> str:
+    # msgspec 0.23 reports invalid UTF-8 as a DecodeError; telling the two
+    # apart costs a second look at the body, only on this failure path.
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as not_utf8:
+        return f"request body is not UTF-8: {not_utf8}"
+    return f"request body is not valid JSON: {exc}"
 
 
 def _decode_request(body: bytes, room_id: str, max_events: int) -> LinkRequest:

@@ -176,7 +176,7 @@ CASES = [
          "invalid character"),
     Case("utf16-body", "JSON is UTF-8; a UTF-16 body is refused.",
          lambda r: persist(request(r.raw()).decode().encode("utf-16")), 400, "M_NOT_JSON",
-         "not valid JSON"),
+         "request body is not UTF-8"),
     # -- invalid UTF-8
     Case("invalid-utf8-in-pdu", "Invalid UTF-8 inside a PDU string names the event.",
          lambda r: persist(request(r.with_content(b'"x":"a\xff\xfeb"'))), 400, "M_NOT_JSON",
