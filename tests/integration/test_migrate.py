@@ -7,20 +7,24 @@ what the migrations build.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from persister.storage.migrate import (
     MigrationError,
+    database_name,
     ensure_database,
     find_migrations_dir,
     load_migrations,
     migrate,
 )
+from tests.fixtures.db import Maintenance
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_NAMES = [m.name for m in load_migrations(find_migrations_dir())]
@@ -111,6 +115,64 @@ async def test_migrate_creates_database_and_second_run_is_a_no_op(
     assert await migrate(fresh_database_url) == []
     assert await catalog(fresh_database_url) == before
     assert len(await applied_versions(fresh_database_url)) == len(ALL_NAMES)
+
+
+async def database_locale(database_url: str) -> tuple[str, str, str]:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT pg_encoding_to_char(encoding), datcollate, datctype FROM pg_database "
+            "WHERE datname = current_database()"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return row
+
+
+def create_database(maintenance: Maintenance, database_url: str, options: str) -> None:
+    maintenance.execute(
+        sql.SQL("CREATE DATABASE {} " + options).format(sql.Identifier(database_name(database_url)))
+    )
+
+
+async def test_a_database_migrate_creates_is_utf8_and_compares_text_by_bytes(
+    fresh_database_url: str,
+) -> None:
+    await migrate(fresh_database_url)
+    assert await database_locale(fresh_database_url) == ("UTF8", "C", "C")
+
+
+async def test_an_existing_database_not_in_utf8_is_refused_and_left_untouched(
+    fresh_database_url: str, maintenance: Maintenance
+) -> None:
+    create_database(
+        maintenance, fresh_database_url, "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0",
+    )  # fmt: skip
+    with pytest.raises(MigrationError, match="has encoding LATIN1.*must be UTF8"):
+        await migrate(fresh_database_url)
+    assert not await table_exists(fresh_database_url, "schema_migrations")
+
+
+async def test_an_existing_database_with_a_language_collation_is_migrated_with_a_warning(
+    fresh_database_url: str, maintenance: Maintenance, caplog: pytest.LogCaptureFixture
+) -> None:
+    row = maintenance.execute(
+        "SELECT collcollate FROM pg_collation WHERE collprovider = 'c' "
+        "AND collcollate NOT IN ('C', 'POSIX') AND collencoding IN (-1, 6) "
+        "ORDER BY collcollate LIMIT 1"
+    ).fetchone()
+    if row is None:
+        pytest.skip("this server knows no libc collation but C")
+    (collation,) = row
+    create_database(
+        maintenance,
+        fresh_database_url,
+        f"ENCODING 'UTF8' LC_COLLATE '{collation}' LC_CTYPE '{collation}' TEMPLATE template0",
+    )
+    with caplog.at_level(logging.WARNING, logger="persister.storage.migrate"):
+        assert await migrate(fresh_database_url) == ALL_NAMES
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"has collation {collation}" in warnings[0], warnings
 
 
 async def test_concurrent_migrates_apply_each_migration_once(fresh_database_url: str) -> None:
