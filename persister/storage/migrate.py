@@ -82,7 +82,7 @@ FROM pg_database WHERE datname = current_database()
 
 class MigrationError(PersisterError):
     """The migrations cannot run: their folder is missing or inconsistent,
-    or the database URL names no database."""
+    the database URL names no database, or the database is not UTF-8."""
 
 
 @dataclass(frozen=True)
