@@ -17,9 +17,14 @@ says, as soon as a fetch returns, how far the sequence has gone:
 a fact about the sequence, not a promise about any writer's rows. Its peers
 observe it like a position and, if idle, announce it while the busy writer
 is still writing and committing, so that when the busy writer's own
-announcement arrives the readers' minimum moves with it. Readers ignore it
-(an unknown command; `persister.replication.messages`); it is a hint among
-writers, outside contract section 6.
+announcement arrives the readers' minimum moves with it. It is a hint among
+writers, outside contract section 6, so it goes on a channel of its own
+beside the contract's (`hints_channel`: `<redis.channel>.hints`), which
+only writers follow. On the contract's channel it made a third of a busy
+two-writer pool's messages, each one a wake-up and a decode for every
+reader (which ignore it: an unknown command, `persister.replication.messages`).
+Writers still take a DRAWN on the contract's channel, as writers of
+before it sent them there.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from persister.replication.messages import EVENTS_STREAM
-from persister.replication.publisher import raise_if_cancelled, redis_client
+from persister.replication.publisher import hints_channel, raise_if_cancelled, redis_client
 from persister.replication.shardmap import ShardMapAnnouncement
 
 logger = logging.getLogger(__name__)
@@ -107,7 +112,7 @@ async def _follow(
     client = redis_client(redis_url, f"peers:{instance}", reconnects=0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        await pubsub.subscribe(channel)
+        await pubsub.subscribe(channel, hints_channel(channel))
         while True:
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
             raise_if_cancelled()

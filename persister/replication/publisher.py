@@ -79,6 +79,13 @@ class _SortedRows(Protocol):
     def __getitem__(self, key: int) -> EventRow: ...
 
 
+def hints_channel(channel: str) -> str:
+    """Where writers tell each other what readers need not hear (a DRAWN,
+    `persister.replication.peers`): beside `channel`, which carries only
+    what contract section 6 defines, so that readers are not woken for it."""
+    return f"{channel}.hints"
+
+
 def redis_client(url: str, name: str | None = None, *, reconnects: int = 1) -> Redis:
     """A client that fails fast: our loops do the retrying, with our backoff.
 
@@ -267,10 +274,10 @@ class Publisher:
         self._wake()
 
     def hint(self, message: bytes) -> None:
-        """Publish `message` once the announcements queued now are out,
-        replacing a hint not sent yet: for facts of which only the newest
-        matters (a DRAWN, see `persister.replication.peers`). Not a promise,
-        so never retried."""
+        """Publish `message` on the hints channel once the announcements
+        queued now are out, replacing a hint not sent yet: for facts of
+        which only the newest matters (a DRAWN, see
+        `persister.replication.peers`). Not a promise, so never retried."""
         self._hint = message
         self._wake()
 
@@ -339,7 +346,7 @@ class Publisher:
     async def _send_hint(self) -> None:
         assert self._client is not None and self._hint is not None
         message, self._hint = self._hint, None
-        await self._client.publish(self._channel, message)
+        await self._client.publish(hints_channel(self._channel), message)
 
     async def _send_next(self) -> None:
         assert self._client is not None

@@ -3,8 +3,9 @@
 Readers take the minimum over all writers, so a writer that knows it may
 announce a higher position and waits for its next commit or heartbeat
 holds every reader back. And a writer with peers tells them how far the
-shared sequence went as soon as it draws orderings (a DRAWN hint), so that
-idle peers announce that far before its commit, not after. These drive a
+shared sequence went as soon as it draws orderings (a DRAWN hint, on a
+channel of writers only), so that idle peers announce that far before its
+commit, not after. These drive a
 real Writer with hand-written peer messages on its channel.
 """
 
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 from persister.http.app import build_app
 from persister.replication.messages import RData, decode_command, encode_command, position_command
 from persister.replication.peers import Drawn, encode_drawn
+from persister.replication.publisher import hints_channel
 from persister.server import build_writer
 from persister.sharding import sha256_owner
 from persister.writer.service import Writer
@@ -77,23 +79,32 @@ async def test_an_idle_writer_announces_a_peers_drawn_hint_before_that_peer_comm
     writer: Writer, peer: Redis, redis_channel: str
 ) -> None:
     ahead = writer.position() + 7
+    await peer.publish(hints_channel(redis_channel), encode_drawn("persister2", ahead))
+    await eventually(lambda: writer.publisher.announced() == ahead, timeout=0.5)
+
+
+async def test_an_idle_writer_follows_a_drawn_hint_on_the_readers_channel_as_older_writers_sent_it(
+    writer: Writer, peer: Redis, redis_channel: str
+) -> None:
+    ahead = writer.position() + 7
     await peer.publish(redis_channel, encode_drawn("persister2", ahead))
     await eventually(lambda: writer.publisher.announced() == ahead, timeout=0.5)
 
 
 class Recorder:
-    """Every message on the channel, in arrival order, decoded as writers and
+    """Every message on the channels, in arrival order (Redis delivers one
+    connection's publishes in order across channels), decoded as writers and
     readers decode them."""
 
-    def __init__(self, redis_url: str, channel: str) -> None:
+    def __init__(self, redis_url: str, *channels: str) -> None:
         self._client = Redis.from_url(redis_url)
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        self._channel = channel
+        self._channels = channels
         self.messages: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Recorder:
-        await self._pubsub.subscribe(self._channel)
+        await self._pubsub.subscribe(*self._channels)
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -183,7 +194,7 @@ async def writer_with_a_peer(
 async def test_a_writer_with_peers_tells_them_how_far_it_drew_before_announcing_the_batch(
     writer_with_a_peer: Writer, redis_url: str, redis_channel: str
 ) -> None:
-    async with Recorder(redis_url, redis_channel) as recorder:
+    async with Recorder(redis_url, redis_channel, hints_channel(redis_channel)) as recorder:
         ordering = await persist_one(writer_with_a_peer)
         await eventually(lambda: recorder.first_rdata_with("persister1", ordering) is not None)
     announced_at = recorder.first_rdata_with("persister1", ordering)
@@ -192,10 +203,23 @@ async def test_a_writer_with_peers_tells_them_how_far_it_drew_before_announcing_
     assert hinted_at < announced_at
 
 
+async def test_readers_channel_carries_no_hints_from_a_writer_with_peers(
+    writer_with_a_peer: Writer, redis_url: str, redis_channel: str
+) -> None:
+    async with (
+        Recorder(redis_url, redis_channel) as readers,
+        Recorder(redis_url, hints_channel(redis_channel)) as writers,
+    ):
+        ordering = await persist_one(writer_with_a_peer)
+        await eventually(lambda: readers.first_rdata_with("persister1", ordering) is not None)
+        await eventually(lambda: writers.first_hint_covering("persister1", ordering) is not None)
+    assert not any(b'"DRAWN"' in data for data in readers.messages)
+
+
 async def test_a_writer_alone_in_its_pool_sends_no_hints(
     writer: Writer, redis_url: str, redis_channel: str
 ) -> None:
-    async with Recorder(redis_url, redis_channel) as recorder:
+    async with Recorder(redis_url, redis_channel, hints_channel(redis_channel)) as recorder:
         ordering = await persist_one(writer)
         await eventually(lambda: recorder.first_rdata_with("persister1", ordering) is not None)
     assert recorder.hints_of("persister1") == []
