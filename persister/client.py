@@ -317,7 +317,6 @@ class _RoomQueue:
         except BaseException:
             self._drop(room_id, slot, call)
             raise
-        assert slot.line[0] is call, "a room's calls take their turns in order"
         return slot.line
 
     def leave(self, room_id: str, call: _Waiting) -> None:
@@ -597,6 +596,7 @@ class PersisterClient:
         call = _Waiting(room_version, backfilled, events, body, future)
         line = await self._rooms.enter(room_id, call)
         try:
+            assert line[0] is call, "a room's calls take their turns in order"
             if call.answer.done():
                 self.stats.coalesced += 1
                 return call.answer.result()
