@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,13 +45,6 @@ _ANSWER = wire.encoder.encode(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = uvloop.new_event_loop()  # as the harness and the persister run
@@ -65,9 +57,9 @@ def client(loop: asyncio.AbstractEventLoop) -> Iterator[PersisterClient]:
     app = web.Application()
     app.router.add_post(wire.BATCH_PATH, _answer_batch)
     runner = web.AppRunner(app, access_log=None)
-    port = _free_port()
     loop.run_until_complete(runner.setup())
-    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+    port = runner.addresses[0][1]  # the one the system chose
     persister = PersisterClient(["persister1"], {"persister1": ("127.0.0.1", port)}, "secret")
     yield persister
     loop.run_until_complete(persister.close())
