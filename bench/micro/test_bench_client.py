@@ -4,11 +4,11 @@ Run: .venv/bin/python -m pytest bench/micro/test_bench_client.py --benchmark-onl
 
 64 calls of one event each for 64 rooms, made at once as a closed loop of
 single events makes them (`persister bench --batch 1 --concurrency 64`):
-they leave as one batch exchange. The persister
-is a bare aiohttp application on loopback in the same process that answers
-every request of a batch at once, so the figure is the client's own work per
-round (routing, room lines, batching, HTTP both ways, decoding), not a
-persister's. Divide by 64 for a call.
+they leave as one batch exchange. The persister is a bare aiohttp
+application on loopback in the same process that answers every request of a
+batch at once, so the figure is the client's own work per round (routing,
+room lines, batching, HTTP both ways, decoding), not a persister's. Divide
+by 64 for a call.
 """
 
 from __future__ import annotations
