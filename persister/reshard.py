@@ -3,8 +3,10 @@
 The command installs the next epoch (persisters route by it from its
 COMMIT), drains it (waits for the old epoch's transactions in flight, then
 records where the stream was) and returns once it is in force; see
-`persister.storage.shard_map`. It announces the map on the Redis channel
-twice (`persister.replication.shardmap` says why): before the COMMIT, so
+`persister.storage.shard_map`. It announces the map on the Redis channel,
+and on the hints channel beside it that persisters follow
+(`persister.replication.peers`), twice (`persister.replication.shardmap`
+says why): before the COMMIT, so
 that stream readers know a new writer before it can write and persisters
 switch at the COMMIT, and once in force, for clients, persisters and
 readers. If the first announcement cannot be published, the reshard fails
@@ -28,7 +30,7 @@ from redis.exceptions import RedisError
 
 from persister.config import Config, ConfigError
 from persister.errors import PersisterError
-from persister.replication.publisher import redis_client
+from persister.replication.publisher import hints_channel, redis_client
 from persister.replication.shardmap import encode_announcement
 from persister.sharding import ShardMap, moved_rooms
 from persister.storage.shard_map import install_in_force, load_shard_map, stored_room_ids
@@ -115,9 +117,18 @@ async def _check_redis(client: Redis) -> None:
         raise AnnounceFailed(f"cannot reach Redis ({exc}); nothing changed") from None
 
 
+async def _announce(client: Redis, channel: str, message: bytes) -> None:
+    """Readers and clients follow `channel`, persisters its hints channel:
+    one round trip for both, so the install lock is held no longer."""
+    async with client.pipeline(transaction=False) as both:
+        both.publish(channel, message)
+        both.publish(hints_channel(channel), message)
+        await both.execute()
+
+
 async def _publish_prepared(client: Redis, channel: str, shard_map: ShardMap) -> None:
     try:
-        await client.publish(channel, encode_announcement(shard_map, in_force=False))
+        await _announce(client, channel, encode_announcement(shard_map, in_force=False))
     except (RedisError, OSError) as exc:
         raise AnnounceFailed(
             f"cannot announce epoch {shard_map.epoch} on Redis ({exc}); nothing changed"
@@ -126,7 +137,7 @@ async def _publish_prepared(client: Redis, channel: str, shard_map: ShardMap) ->
 
 async def _publish_in_force(client: Redis, channel: str, shard_map: ShardMap) -> bool:
     try:
-        await client.publish(channel, encode_announcement(shard_map, in_force=True))
+        await _announce(client, channel, encode_announcement(shard_map, in_force=True))
     except (RedisError, OSError) as exc:
         # The epoch is in force already; persisters, clients and readers
         # poll the stored map, the message only speeds them up.

@@ -1,30 +1,32 @@
-"""Following the other writers' announcements, so an idle writer keeps up.
+"""Following the other writers' hints, so an idle writer keeps up.
 
 Readers take the minimum over all writers. A writer with nothing to do may
-announce anything up to what the shared sequence has handed out, and
-another writer's announced position is such a value (the channel is
-trusted, as Synapse trusts its replication channel). Advancing as soon as a
-peer announces (rather than on the next one-second heartbeat) keeps the
-minimum within milliseconds of the busiest writer.
-
-Within milliseconds is still too late when it comes only after the busy
-writer's commit: a reader then waits for the busy writer's announcement to
-travel to each idle peer and for theirs to travel back. So each writer also
-says, as soon as a fetch returns, how far the sequence has gone:
+announce anything up to what the shared sequence has handed out; its
+heartbeat reads the sequence once a second, which alone would keep the
+minimum up to a second behind the busiest writer. So each writer says, as
+soon as a fetch returns, how far the sequence has gone:
 
     {"cmd": "DRAWN", "stream": "events", "instance": "persister1", "reached": 1240}
 
-a fact about the sequence, not a promise about any writer's rows. Its peers
-observe it like a position and, if idle, announce it while the busy writer
-is still writing and committing, so that when the busy writer's own
-announcement arrives the readers' minimum moves with it. It is a hint among
-writers, outside contract section 6, so it goes on a channel of its own
-beside the contract's (`hints_channel`: `<redis.channel>.hints`), which
-only writers follow. On the contract's channel it made a third of a busy
-two-writer pool's messages, each one a wake-up and a decode for every
-reader (which ignore it: an unknown command, `persister.replication.messages`).
-Writers still take a DRAWN on the contract's channel, as writers of
-before it sent them there.
+a fact about the sequence, not a promise about any writer's rows (the
+channel is trusted, as Synapse trusts its replication channel). Its peers
+observe it like a position and, if idle, announce it at once, while the
+busy writer is still writing and committing, so that when the busy
+writer's own announcement arrives the readers' minimum moves with it.
+
+It is a hint among writers, outside contract section 6, so it goes on a
+channel of its own beside the contract's (`hints_channel`:
+`<redis.channel>.hints`), and that channel is all a writer follows: DRAWN
+hints and the SHARDMAP announcements, which `persister reshard` publishes
+there as well as on the contract's channel. A writer does not follow its
+peers' POSITION and RDATA: every draw that can matter to a peer comes with
+a DRAWN (a writer hints whenever the pool it watches has another writer,
+and readers wait on no writer outside that pool), and an idle writer's
+heartbeat reads the sequence every second, which covers a lost hint. On
+the contract's channel a writer was woken by every message of the pool,
+its own among them (about four a transaction in a pool of two, one in a
+pool of one); following only the hints spends about 5 % less of its CPU
+per single event (bench/README.md, seventeenth session).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final
 
 import msgspec
 from redis.asyncio import Redis
@@ -58,21 +60,8 @@ class Drawn(msgspec.Struct, frozen=True, tag_field="cmd", tag="DRAWN"):
     reached: int
 
 
-# What a peer needs of a POSITION or RDATA: msgspec skips the other fields
-# (an RDATA's rows) without building them.
-class _Position(msgspec.Struct, frozen=True, tag_field="cmd", tag="POSITION"):
-    stream: str
-    instance: str
-    pos: int
-
-
-class _RData(msgspec.Struct, frozen=True, tag_field="cmd", tag="RDATA"):
-    stream: str
-    instance: str
-    pos: int
-
-
-_peer_decoder: Final = msgspec.json.Decoder(_Position | _RData | Drawn | ShardMapAnnouncement)
+_PeerCommand = Drawn | ShardMapAnnouncement
+_peer_decoder: Final[msgspec.json.Decoder[_PeerCommand]] = msgspec.json.Decoder(_PeerCommand)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -87,8 +76,9 @@ async def follow_peers(
     on_position: OnPeerPosition,
     on_shard_map: OnShardMap | None = None,
 ) -> None:
-    """Call `on_position` with every position another writer announces, and
-    `on_shard_map` on every SHARDMAP message; runs until cancelled."""
+    """Call `on_position` with every DRAWN hint of another writer, and
+    `on_shard_map` on every SHARDMAP message, both on the hints channel
+    beside `channel`; runs until cancelled."""
     attempt = 0
     while True:
         try:
@@ -112,7 +102,7 @@ async def _follow(
     client = redis_client(redis_url, f"peers:{instance}", reconnects=0)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     try:
-        await pubsub.subscribe(channel, hints_channel(channel))
+        await pubsub.subscribe(hints_channel(channel))
         while True:
             message = await pubsub.get_message(timeout=READ_TIMEOUT_S)
             raise_if_cancelled()
@@ -145,25 +135,22 @@ READ_TIMEOUT_S: Final = 1.0
 
 
 def peer_position(data: object, instance: str) -> int | None:
-    """How far another writer's message says the sequence has gone, if it does."""
+    """How far another writer's hint says the sequence has gone, if it is one."""
     return _position_of(_peer_command(data), instance)
-
-
-_PeerCommand = _Position | _RData | Drawn | ShardMapAnnouncement
 
 
 def _peer_command(data: object) -> _PeerCommand | None:
     if not isinstance(data, bytes | str):
         return None
     try:
-        return cast(_PeerCommand, _peer_decoder.decode(data))
+        return _peer_decoder.decode(data)
     except msgspec.DecodeError:
         return None  # anything else on the channel (a newer command, say)
 
 
 def _position_of(command: _PeerCommand | None, instance: str) -> int | None:
-    if command is None or isinstance(command, ShardMapAnnouncement):
+    if not isinstance(command, Drawn):
         return None
     if command.stream != EVENTS_STREAM or command.instance == instance:
         return None
-    return command.reached if isinstance(command, Drawn) else command.pos
+    return command.reached

@@ -4,7 +4,9 @@
      "sharding": "rendezvous", "pins": {"!room:hs": "p3"},
      "sequence_at_start": 12345, "in_force": true}
 
-`persister reshard` publishes it twice (`persister.reshard`):
+`persister reshard` publishes it twice (`persister.reshard`), each time on
+the channel and on the hints channel beside it, which is the one persisters
+follow (`persister.replication.peers`):
 
 - `in_force: false` while it installs the epoch, *before* the COMMIT.
   Readers add the map's writers at once; persisters start a fenced reload,

@@ -14,8 +14,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from persister.replication.messages import encode_command, position_command
-from persister.replication.peers import READ_TIMEOUT_S, follow_peers
+from persister.replication.peers import READ_TIMEOUT_S, encode_drawn, follow_peers
+from persister.replication.publisher import hints_channel
 from tests.integration.stream_writers import eventually, until_subscribed
 
 
@@ -41,8 +41,8 @@ async def test_following_peers_ends_when_cancelled_even_if_redis_py_swallows_the
     )
     peer = Redis.from_url(redis_url)
     try:
-        await until_subscribed(peer, redis_channel)
-        await peer.publish(redis_channel, encode_command(position_command("persister2", 0, 42)))
+        await until_subscribed(peer, hints_channel(redis_channel))
+        await peer.publish(hints_channel(redis_channel), encode_drawn("persister2", 42))
         await eventually(lambda: heard == [42], timeout=2)
     finally:
         await peer.aclose()

@@ -4,9 +4,9 @@ Readers take the minimum over all writers, so a writer that knows it may
 announce a higher position and waits for its next commit or heartbeat
 holds every reader back. And a writer with peers tells them how far the
 shared sequence went as soon as it draws orderings (a DRAWN hint, on a
-channel of writers only), so that idle peers announce that far before its
-commit, not after. These drive a
-real Writer with hand-written peer messages on its channel.
+channel of writers only, the only one writers follow), so that idle peers
+announce that far before its commit, not after. These drive a real Writer
+with hand-written peer messages.
 """
 
 from __future__ import annotations
@@ -40,32 +40,23 @@ from tests.integration.stream_writers import eventually, until_subscribed
 
 @pytest.fixture
 async def peer(writer: Writer, redis_url: str, redis_channel: str) -> AsyncIterator[Redis]:
-    """A client to announce in a peer's name, once the writer follows the channel."""
+    """A client to announce in a peer's name, once the writer follows the hints."""
     client = Redis.from_url(redis_url)
-    await until_subscribed(client, redis_channel)
+    await until_subscribed(client, hints_channel(redis_channel))
     yield client
     await client.aclose()
 
 
-async def announce_peer(peer: Redis, channel: str, position: int) -> None:
-    await peer.publish(channel, encode_command(position_command("persister2", 0, position)))
+async def hint_peer(peer: Redis, channel: str, reached: int) -> None:
+    await peer.publish(hints_channel(channel), encode_drawn("persister2", reached))
 
 
-async def test_an_idle_writer_follows_a_peers_announcement_at_once(
-    writer: Writer, peer: Redis, redis_channel: str
-) -> None:
-    ahead = writer.position() + 7  # beyond the sequence: only the peer can take it there
-    await announce_peer(peer, redis_channel, ahead)
-    # Well within the 1 s heartbeat, which could not reach it anyway.
-    await eventually(lambda: writer.publisher.announced() == ahead, timeout=0.5)
-
-
-async def test_a_peers_position_seen_while_orderings_are_drawn_is_announced_when_the_draw_ends(
+async def test_a_peers_hint_seen_while_orderings_are_drawn_is_announced_when_the_draw_ends(
     writer: Writer, peer: Redis, redis_channel: str
 ) -> None:
     token = writer.positions.begin_fetch()  # a lane's nextval in flight
     ahead = writer.position() + 7
-    await announce_peer(peer, redis_channel, ahead)
+    await hint_peer(peer, redis_channel, ahead)
     await eventually(lambda: writer.positions.max_seen() == ahead, timeout=2.0)
     await asyncio.sleep(0.05)
     assert writer.publisher.announced() != ahead  # the draw may still return lower values
@@ -78,16 +69,26 @@ async def test_a_peers_position_seen_while_orderings_are_drawn_is_announced_when
 async def test_an_idle_writer_announces_a_peers_drawn_hint_before_that_peer_commits(
     writer: Writer, peer: Redis, redis_channel: str
 ) -> None:
-    ahead = writer.position() + 7
-    await peer.publish(hints_channel(redis_channel), encode_drawn("persister2", ahead))
+    ahead = writer.position() + 7  # beyond the sequence: only the peer can take it there
+    await hint_peer(peer, redis_channel, ahead)
+    # Well within the 1 s heartbeat, which could not reach it anyway.
     await eventually(lambda: writer.publisher.announced() == ahead, timeout=0.5)
 
 
-async def test_an_idle_writer_follows_a_drawn_hint_on_the_readers_channel_as_older_writers_sent_it(
+async def test_a_writer_takes_nothing_from_the_readers_channel(
     writer: Writer, peer: Redis, redis_channel: str
 ) -> None:
+    # The readers' channel carries every writer's rows and positions: a
+    # writer woken by each of them spent its CPU on its own echoes.
     ahead = writer.position() + 7
-    await peer.publish(redis_channel, encode_drawn("persister2", ahead))
+    further = ahead + 10
+    await peer.publish(redis_channel, encode_command(position_command("persister2", 0, further)))
+    await peer.publish(redis_channel, encode_drawn("persister2", further))
+    # Published after them, so a writer following both would have them first.
+    await hint_peer(peer, redis_channel, ahead)
+    await eventually(lambda: writer.positions.max_seen() >= ahead, timeout=2.0)
+    await asyncio.sleep(0.05)
+    assert writer.positions.max_seen() == ahead
     await eventually(lambda: writer.publisher.announced() == ahead, timeout=0.5)
 
 

@@ -14,12 +14,6 @@ from persister.replication.peers import encode_drawn, peer_position
 from tests.integration.stream_writers import event_row
 
 
-def test_a_peers_position_and_rows_message_give_their_position() -> None:
-    assert peer_position(encode_command(position_command("p2", 3, 9)), "p1") == 9
-    rdata = rdata_command("p2", 3, 9, (event_row(5, "p2"), event_row(9, "p2")))
-    assert peer_position(encode_command(rdata), "p1") == 9
-
-
 def test_a_peers_drawn_hint_gives_how_far_the_sequence_went() -> None:
     assert peer_position(encode_drawn("p2", 42), "p1") == 42
 
@@ -28,7 +22,9 @@ def test_a_peers_drawn_hint_gives_how_far_the_sequence_went() -> None:
     "data",
     [
         encode_drawn("p1", 42),  # our own
-        encode_command(position_command("p1", 3, 9)),  # our own
+        # Positions and rows are for readers: a writer takes its peers' hints.
+        encode_command(position_command("p2", 3, 9)),
+        encode_command(rdata_command("p2", 3, 9, (event_row(5, "p2"), event_row(9, "p2")))),
         b'{"cmd":"POSITION","stream":"receipts","instance":"p2","prev":1,"pos":2}',
         b'{"cmd":"SHARDMAP","epoch":3,"writers":["p1"]}',
         b"not json",
