@@ -58,7 +58,7 @@ from persister.bench.reshard_audit import (
 )
 from persister.bench.reshard_pool import LivePool
 from persister.bench.stats import percentile
-from persister.bench.workload import Workload, WorkloadSpec, generate
+from persister.bench.workload import BenchRequest, Workload, WorkloadSpec, generate
 from persister.client import ClientOptions, PersisterClient
 from persister.config import Config
 from persister.errors import PersisterError
@@ -404,7 +404,7 @@ class Gaps(msgspec.Struct):
     # ~100 ms when this 2-core box is busy.)
     pause_p50_ms: float
     pause_p99_ms: float
-    stalled: int  # rooms with no acknowledgement after the step at all
+    stalled: int  # rooms with work left and no acknowledgement after the step at all
     # From the step's end to each room's first acknowledgement after it: the
     # part of the gap the step is answerable for when the room was already
     # stalled (by a SIGKILL, say) before it began.
@@ -479,11 +479,13 @@ def gaps_at(
     rooms: Iterable[str],
     began: float,
     ended: float,
+    finished: frozenset[str] = frozenset(),
 ) -> Gaps:
     """Each active room's gap in acknowledgements around a step: from its
     last one before the step ended to its first one after; `typical` is
-    each room's median gap away from steps."""
-    return _gaps(*_room_gaps(acks_by_room, typical, rooms, began, ended))
+    each room's median gap away from steps, `finished` the rooms whose
+    every request was acknowledged (`finished_rooms`)."""
+    return _gaps(*_room_gaps(acks_by_room, typical, rooms, began, ended, finished))
 
 
 def control_gaps(
@@ -491,6 +493,7 @@ def control_gaps(
     typical: dict[str, float],
     quiet: Sequence[tuple[float, float]],
     samples: int = CONTROL_SAMPLES,
+    finished: frozenset[str] = frozenset(),
 ) -> Gaps:
     """`gaps_at` for every room at random instants away from steps: what a
     step that changes nothing would show, the noise a step's figures are
@@ -503,10 +506,18 @@ def control_gaps(
     for _ in range(samples if spans else 0):
         lo, hi = rng.choice(spans)
         instant = rng.uniform(lo, hi)
-        v, p, _ = _room_gaps(acks_by_room, typical, list(acks_by_room), instant, instant)
+        v, p, _ = _room_gaps(acks_by_room, typical, list(acks_by_room), instant, instant, finished)
         values += v
         pauses += p
     return _gaps(values, pauses)
+
+
+def finished_rooms(
+    requests: Sequence[BenchRequest], acks_by_room: dict[str, list[float]]
+) -> frozenset[str]:
+    """The rooms whose every request of the workload was acknowledged."""
+    planned = Counter(request.room_id for request in requests)
+    return frozenset(room for room, n in planned.items() if len(acks_by_room.get(room, ())) >= n)
 
 
 def _room_gaps(
@@ -515,6 +526,7 @@ def _room_gaps(
     rooms: Iterable[str],
     began: float,
     ended: float,
+    finished: frozenset[str],
 ) -> tuple[list[float | None], list[float], list[float]]:
     values: list[float | None] = []
     pauses, resumes = [], []
@@ -524,7 +536,8 @@ def _room_gaps(
         if index == 0 or dones[index - 1] < began - GAP_WINDOW_S:
             continue  # not sending just then
         if index == len(dones):
-            values.append(None)
+            if room not in finished:  # out of work is not stalled
+                values.append(None)
             continue
         gap = dones[index] - dones[index - 1]
         values.append(gap)
@@ -592,6 +605,7 @@ async def step_figures(
     typical: dict[str, float],
     database_url: str,
     t0: float,
+    finished: frozenset[str] = frozenset(),
 ) -> list[StepFigures]:
     figures = []
     for record in records:
@@ -614,8 +628,10 @@ async def step_figures(
                 rooms_moved=len(moved),
                 moved_share=round(len(moved) / len(stored), 3) if stored else None,
                 events_moved=sum(stored[r] for r in moved),
-                moved=gaps_at(acks_by_room, typical, moved, record.began, record.ended),
-                unmoved=gaps_at(acks_by_room, typical, unmoved, record.began, record.ended),
+                moved=gaps_at(acks_by_room, typical, moved, record.began, record.ended, finished),
+                unmoved=gaps_at(
+                    acks_by_room, typical, unmoved, record.began, record.ended, finished
+                ),
             )
         )
     return figures
@@ -710,7 +726,12 @@ async def _report(
     quiet = quiet_gaps(acks_by_room, quiet_spans)
     typical = {room: covering_median(gaps) for room, gaps in quiet.items() if gaps}
     before, during, after = throughput(recorder.acks, [(start, first), (first, last), (last, end)])
-    figures = await step_figures(scenario, records, acks_by_room, typical, database_url, start)
+    # A room run dry before a step (a pinned room alone on its writer goes
+    # fastest) shows no acknowledgement after it, as a stalled room does.
+    finished = finished_rooms(workload.requests, acks_by_room)
+    figures = await step_figures(
+        scenario, records, acks_by_room, typical, database_url, start, finished
+    )
     return RunReport(
         scenario=scenario.name,
         sharding=scenario.sharding,
@@ -723,7 +744,7 @@ async def _report(
         client_redirects=redirects,
         throughput_events_per_s=Throughput(before, during, after),
         baseline=_gaps([g for gaps in quiet.values() for g in gaps]),
-        control=control_gaps(acks_by_room, typical, quiet_spans),
+        control=control_gaps(acks_by_room, typical, quiet_spans, finished=finished),
         steps=figures,
         reader_writer_sets=writer_sets,
         synthetic_moved_share_2_to_3=synthetic_moved_share(),
