@@ -3,15 +3,15 @@
 The command installs the next epoch (persisters route by it from its
 COMMIT), drains it (waits for the old epoch's transactions in flight, then
 records where the stream was) and returns once it is in force; see
-`persister.storage.shard_map`. It announces the map on the Redis channel,
-and on the hints channel beside it that persisters follow
-(`persister.replication.peers`), twice (`persister.replication.shardmap`
-says why): before the COMMIT, so
-that stream readers know a new writer before it can write and persisters
-switch at the COMMIT, and once in force, for clients, persisters and
-readers. If the first announcement cannot be published, the reshard fails
-and nothing changes; a lost second one only slows clients down (they also
-learn from 421 answers and polling).
+`persister.storage.shard_map`. It announces the map twice
+(`persister.replication.shardmap` says why), each time on the Redis channel
+and on the hints channel beside it, which persisters follow
+(`persister.replication.peers`): before the COMMIT, so that stream readers
+know a new writer before it can write and persisters switch at the COMMIT,
+and once in force, for clients, persisters and readers. If the first
+announcement cannot be published, the reshard fails and nothing changes; a
+lost second one only slows clients down (they also learn from 421 answers
+and polling).
 
 Run again after being interrupted, it drains an epoch left installed (and
 persisters drain it themselves when they poll or gain a room).

@@ -479,7 +479,7 @@ def gaps_at(
     rooms: Iterable[str],
     began: float,
     ended: float,
-    finished: frozenset[str] = frozenset(),
+    finished: frozenset[str],
 ) -> Gaps:
     """Each active room's gap in acknowledgements around a step: from its
     last one before the step ended to its first one after; `typical` is
@@ -492,8 +492,8 @@ def control_gaps(
     acks_by_room: dict[str, list[float]],
     typical: dict[str, float],
     quiet: Sequence[tuple[float, float]],
+    finished: frozenset[str],
     samples: int = CONTROL_SAMPLES,
-    finished: frozenset[str] = frozenset(),
 ) -> Gaps:
     """`gaps_at` for every room at random instants away from steps: what a
     step that changes nothing would show, the noise a step's figures are
@@ -605,7 +605,7 @@ async def step_figures(
     typical: dict[str, float],
     database_url: str,
     t0: float,
-    finished: frozenset[str] = frozenset(),
+    finished: frozenset[str],
 ) -> list[StepFigures]:
     figures = []
     for record in records:
@@ -744,7 +744,7 @@ async def _report(
         client_redirects=redirects,
         throughput_events_per_s=Throughput(before, during, after),
         baseline=_gaps([g for gaps in quiet.values() for g in gaps]),
-        control=control_gaps(acks_by_room, typical, quiet_spans, finished=finished),
+        control=control_gaps(acks_by_room, typical, quiet_spans, finished),
         steps=figures,
         reader_writer_sets=writer_sets,
         synthetic_moved_share_2_to_3=synthetic_moved_share(),

@@ -25,8 +25,8 @@ and readers wait on no writer outside that pool), and an idle writer's
 heartbeat reads the sequence every second, which covers a lost hint. On
 the contract's channel a writer was woken by every message of the pool,
 its own among them (about four a transaction in a pool of two, one in a
-pool of one); following only the hints spends about 5 % less of its CPU
-per single event (bench/README.md, seventeenth session).
+pool of one); following only the hints spends 5-10 % less of its CPU per
+single event (bench/README.md, seventeenth session).
 """
 
 from __future__ import annotations
